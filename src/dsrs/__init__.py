@@ -1,0 +1,62 @@
+"""dsrs: one LM layer for DSPy-style programs.
+
+`import dsrs` does no network and no disk writes; everything heavier loads on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import (
+    APIConnectionError,
+    AuthenticationError,
+    BadRequestError,
+    BudgetExceededError,
+    ConfigurationError,
+    ContextWindowExceededError,
+    DsrsError,
+    MissingApiKeyError,
+    NotFoundError,
+    PermissionDeniedError,
+    ProviderUnavailableError,
+    QuotaExceededError,
+    RateLimitError,
+    ResponseFormatError,
+    TimeoutError,
+    UnknownProviderError,
+    UnsupportedFeatureError,
+)
+from .settings import configure, configure_with_adapter, context
+from .types import Completion, CostSource, LmUsage, Message, Request, StreamEnd, Tool, ToolCall
+
+__version__ = "0.1.0"
+
+# name -> module; resolved on first attribute access (PEP 562) so imports stay light.
+_LAZY = {
+    "LM": "dsrs.lm",
+    "BaseLM": "dsrs.lm",
+    "Cache": "dsrs.cache",
+    "RetryPolicy": "dsrs.retry",
+    "settings": "dsrs.settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'dsrs' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(mod), name) if name != "settings" else importlib.import_module(mod)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "APIConnectionError", "AuthenticationError", "BadRequestError", "BaseLM", "BudgetExceededError", "Cache",
+    "Completion", "ConfigurationError", "ContextWindowExceededError", "CostSource", "DsrsError", "LM", "LmUsage",
+    "Message", "MissingApiKeyError", "NotFoundError", "PermissionDeniedError", "ProviderUnavailableError",
+    "QuotaExceededError", "RateLimitError", "Request", "ResponseFormatError", "RetryPolicy", "StreamEnd",
+    "TimeoutError", "Tool", "ToolCall", "UnknownProviderError", "UnsupportedFeatureError", "configure",
+    "configure_with_adapter", "context",
+]  # fmt: skip

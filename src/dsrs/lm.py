@@ -1,0 +1,274 @@
+"""The LM: immutable builders over a backend, and the one call path every LM shares.
+
+`BaseLM` does, once for every kind of LM (HTTP providers, the embedded engine, the Codex CLI,
+Pylon): request normalisation, cache, retries, pricing and usage hooks. Subclasses only say
+which backend answers (`_make_backend`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from . import _sync, pricing
+from .cache import Cache, cache_key, default_cache
+from .errors import ConfigurationError
+from .providers.base import Backend, Secret
+from .retry import RetryPolicy
+from .settings import current
+from .types import Completion, Message, Request, StreamEnd, Tool
+
+Input = str | Message | dict[str, Any] | Sequence[Message | dict[str, Any]]
+
+# Options that become Request fields (change the answer) vs. options of the connection.
+_REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop", "num_ctx", "tools", "tool_choice",
+                   "response_format", "extra")  # fmt: skip
+_CLIENT_FIELDS = ("base_url", "api_key", "timeout", "retries", "cache", "headers", "api_version", "retry_policy",
+                  "cache_store")  # fmt: skip
+
+
+def to_messages(x: Input) -> tuple[Message, ...]:
+    if isinstance(x, str):
+        return (Message("user", x),)
+    if isinstance(x, (Message, dict)):
+        return (Message.coerce(x),)
+    msgs = tuple(Message.coerce(m) for m in x)
+    if not msgs:
+        raise ConfigurationError("no messages to send", hint="pass a prompt string or a list of messages")
+    return msgs
+
+
+class BaseLM:
+    """Shared builders and call path. Instances are immutable: every `with_*` returns a copy."""
+
+    provider: str = ""
+    model: str = ""
+
+    def __init__(self, **opts: Any) -> None:
+        self._opts: dict[str, Any] = {}
+        self._backend_obj: Backend | None = None
+        self._set(opts)
+
+    # -- builders ---------------------------------------------------------------------------
+    def _set(self, opts: dict[str, Any]) -> None:
+        for k, v in opts.items():
+            if k not in _REQUEST_FIELDS and k not in _CLIENT_FIELDS and k not in self._extra_options():
+                raise ConfigurationError(
+                    f"unknown option {k!r} for {type(self).__name__}",
+                    hint="known: " + ", ".join(_REQUEST_FIELDS + _CLIENT_FIELDS + self._extra_options()),
+                )
+            if k == "api_key" and v is not None and not isinstance(v, Secret):
+                v = Secret(v)
+            if k == "stop" and isinstance(v, str):
+                v = (v,)
+            self._opts[k] = v
+
+    def _extra_options(self) -> tuple[str, ...]:
+        return ()
+
+    def _with(self, **opts: Any) -> Any:
+        new = copy.copy(self)
+        new._opts = dict(self._opts)
+        new._backend_obj = None
+        new._set(opts)
+        return new
+
+    def with_cache(self, enabled: bool | Cache = True) -> Any:
+        return self._with(cache=enabled)
+
+    def with_max_tokens(self, n: int) -> Any:
+        return self._with(max_tokens=n)
+
+    def with_temperature(self, t: float) -> Any:
+        return self._with(temperature=t)
+
+    def with_top_p(self, p: float) -> Any:
+        return self._with(top_p=p)
+
+    def with_seed(self, seed: int) -> Any:
+        return self._with(seed=seed)
+
+    def with_stop(self, *stop: str) -> Any:
+        return self._with(stop=tuple(stop))
+
+    def with_base_url(self, url: str) -> Any:
+        return self._with(base_url=url)
+
+    def with_num_ctx(self, n: int) -> Any:
+        return self._with(num_ctx=n)
+
+    def with_api_key(self, key: str) -> Any:
+        return self._with(api_key=key)
+
+    def with_timeout(self, seconds: float | Any) -> Any:
+        if hasattr(seconds, "total_seconds"):  # datetime.timedelta, like the spec's Duration
+            seconds = seconds.total_seconds()
+        return self._with(timeout=float(seconds))
+
+    def with_retries(self, n: int) -> Any:
+        return self._with(retries=n)
+
+    def with_options(self, **opts: Any) -> Any:
+        return self._with(**opts)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self._opts)
+
+    def __repr__(self) -> str:
+        shown = {k: v for k, v in self._opts.items() if k not in ("api_key", "headers", "retry_policy")}
+        if "api_key" in self._opts:
+            shown["api_key"] = "**********"
+        args = "".join(f", {k}={v!r}" for k, v in shown.items())
+        return f"{type(self).__name__}({self.provider}/{self.model!r}{args})"
+
+    # -- the backend ------------------------------------------------------------------------
+    def _make_backend(self) -> Backend:
+        raise NotImplementedError
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend_obj is None:
+            self._backend_obj = self._make_backend()
+        return self._backend_obj
+
+    # -- requests ---------------------------------------------------------------------------
+    def request(self, prompt: Input, **overrides: Any) -> Request:
+        """The normalized request this LM would send for `prompt`."""
+        o = self._opts if not overrides else {**self._opts, **overrides}
+        tools = o.get("tools") or ()
+        stop = o.get("stop") or ()
+        return Request(
+            model=self.model,
+            messages=to_messages(prompt),
+            max_tokens=o.get("max_tokens"),
+            temperature=o.get("temperature"),
+            top_p=o.get("top_p"),
+            seed=o.get("seed"),
+            stop=(stop,) if isinstance(stop, str) else tuple(stop),
+            num_ctx=o.get("num_ctx"),
+            tools=tuple(t if isinstance(t, Tool) else Tool(**t) for t in tools),
+            tool_choice=o.get("tool_choice"),
+            response_format=o.get("response_format"),
+            extra=o.get("extra") or {},
+        )
+
+    def _cache(self) -> Cache | None:
+        c = self._opts.get("cache")
+        if not c:
+            return None
+        if isinstance(c, Cache):
+            return c
+        return default_cache()
+
+    def _retry(self) -> RetryPolicy:
+        p = self._opts.get("retry_policy") or _DEFAULT_RETRY
+        n = self._opts.get("retries")
+        return p if n is None else RetryPolicy(n, p.sleep, p.rand)
+
+    def _finish(self, c: Completion, started: float) -> Completion:
+        c.usage = pricing.apply(c.usage, self.provider, self.model)
+        c.provider = c.provider or self.provider
+        hooks = current().on_usage
+        if hooks:
+            c.latency_s = time.perf_counter() - started
+            for h in hooks:
+                h(c)
+        return c
+
+    # -- calls ------------------------------------------------------------------------------
+    async def acall(self, prompt: Input, **overrides: Any) -> Completion:
+        """Send one request and return its completion (text, tool calls, usage with cost)."""
+        req = self.request(prompt, **overrides)
+        return await self.acomplete(req)
+
+    async def acomplete(self, req: Request) -> Completion:
+        started = time.perf_counter()
+        cache = self._cache()
+        key = None
+        if cache is not None:
+            key = cache_key(self.provider, req)
+            hit = cache.get(key)
+            if hit is not None:
+                return self._finish(hit, started) if current().on_usage else hit
+        backend = self.backend
+        c = await self._retry().run(lambda: backend.complete(req))
+        c = self._finish(c, started)
+        if key is not None:
+            cache.put(key, c)  # type: ignore[union-attr]
+        return c
+
+    def __call__(self, prompt: Input, **overrides: Any) -> Completion:
+        return _sync.run(self.acall(prompt, **overrides))
+
+    async def astream(self, prompt: Input, **overrides: Any) -> AsyncIterator[str | StreamEnd]:
+        """Text deltas as they arrive, then one `StreamEnd` holding the completion and usage.
+
+        Failures before the first delta are retried like any call; after it they propagate.
+        """
+        req = self.request(prompt, **overrides)
+        started = time.perf_counter()
+        cache = self._cache()
+        key = None
+        if cache is not None:
+            key = cache_key(self.provider, req)
+            hit = cache.get(key)
+            if hit is not None:
+                if hit.text:
+                    yield hit.text
+                yield StreamEnd(self._finish(hit, started) if current().on_usage else hit)
+                return
+        backend = self.backend
+        agen = None
+
+        async def first() -> Any:
+            nonlocal agen
+            agen = backend.stream(req).__aiter__()
+            try:
+                return await agen.__anext__()
+            except BaseException:
+                await agen.aclose()
+                raise
+
+        item = await self._retry().run(first)
+        assert agen is not None
+        try:
+            while True:
+                if isinstance(item, Completion):
+                    c = self._finish(item, started)
+                    if key is not None:
+                        cache.put(key, c)  # type: ignore[union-attr]
+                    yield StreamEnd(c)
+                    return
+                yield item
+                item = await agen.__anext__()
+        finally:
+            await agen.aclose()
+
+    def stream(self, prompt: Input, **overrides: Any) -> Iterator[str | StreamEnd]:
+        return _sync.iterate(self.astream(prompt, **overrides))
+
+
+_DEFAULT_RETRY = RetryPolicy()
+
+
+class LM(BaseLM):
+    """`LM("provider/model", **options)`: any provider in the registry behind one interface."""
+
+    def __init__(self, model: str, **opts: Any) -> None:
+        from .registry import resolve
+
+        self.service, self.model = resolve(model)
+        self.provider = self.service.name
+        super().__init__(**opts)
+
+    def _make_backend(self) -> Backend:
+        from .registry import protocol
+
+        return protocol(self.service).Client(self.service, self.model, self._opts)
+
+    @property
+    def local(self) -> bool:
+        return self.service.local

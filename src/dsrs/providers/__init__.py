@@ -1,0 +1,1 @@
+"""Providers: `services` holds the rows; each other module speaks one wire protocol."""

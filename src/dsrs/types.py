@@ -1,0 +1,239 @@
+"""Normal forms every LM speaks: messages, requests, completions and usage.
+
+Providers translate to and from these; nothing above the providers sees a wire format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class CostSource(str, Enum):
+    """Where a `cost_msats` figure came from, most trustworthy first."""
+
+    INVOICE = "invoice"  # a Lightning invoice we actually paid
+    PROVIDER = "provider"  # the provider reported the cost itself
+    PRICE_TABLE = "price_table"  # tokens times the bundled price table
+    ESTIMATE = "estimate"  # tokens were estimated, not reported
+    FREE = "free"  # local inference
+    CACHE = "cache"  # served from the cache: nothing new spent
+    MIXED = "mixed"  # a sum of usages with different sources
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: dict[str, Any]  # parsed JSON arguments
+    raw_arguments: str | None = None  # the provider's text, kept when it did not parse
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "arguments": self.arguments}
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call: name, description and JSON-schema parameters."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: Role
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None  # for role="tool": which call this answers
+    name: str | None = None
+
+    @staticmethod
+    def system(text: str) -> Message:
+        return Message("system", text)
+
+    @staticmethod
+    def user(text: str) -> Message:
+        return Message("user", text)
+
+    @staticmethod
+    def assistant(text: str = "", tool_calls: tuple[ToolCall, ...] = ()) -> Message:
+        return Message("assistant", text, tuple(tool_calls))
+
+    @staticmethod
+    def tool(tool_call_id: str, content: str) -> Message:
+        return Message("tool", content, tool_call_id=tool_call_id)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            d["tool_calls"] = [t.to_json() for t in self.tool_calls]
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            d["name"] = self.name
+        return d
+
+    @staticmethod
+    def coerce(m: Message | dict[str, Any]) -> Message:
+        if isinstance(m, Message):
+            return m
+        if not isinstance(m, dict) or "role" not in m:
+            raise TypeError(f"a message must be a dsrs.Message or a dict with 'role' and 'content', got {m!r:.80}")
+        content = m.get("content") or ""
+        if isinstance(content, list):  # OpenAI-style text parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        calls = []
+        for tc in m.get("tool_calls") or ():
+            fn = tc.get("function", tc)
+            args = fn.get("arguments", {})
+            if isinstance(args, str):
+                args = json.loads(args or "{}")
+            calls.append(ToolCall(tc.get("id", ""), fn["name"], args))
+        return Message(m["role"], content, tuple(calls), m.get("tool_call_id"), m.get("name"))
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Everything that changes the answer. The cache key is a hash of exactly this."""
+
+    model: str
+    messages: tuple[Message, ...]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    num_ctx: int | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None  # {"type": "json_schema", "json_schema": {...}} etc.
+    extra: dict[str, Any] = field(default_factory=dict)  # provider parameters passed through
+
+    def canonical(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["messages"] = [m.to_json() for m in self.messages]
+        d["tools"] = [t.to_json() for t in self.tools]
+        d["stop"] = list(self.stop)
+        return d
+
+
+@dataclass(slots=True)
+class LmUsage:
+    """Tokens and cost of one or many calls. `a + b` and `sum(usages, LmUsage())` are exact."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_msats: int | None = 0
+    cost_source: CostSource | None = None
+    cache_hit: bool = False
+    estimated: bool = False  # token counts were estimated, not reported
+    calls: int = 0
+
+    def __add__(self, other: LmUsage) -> LmUsage:
+        if not isinstance(other, LmUsage):
+            return NotImplemented
+        if self.calls == 0:
+            src = other.cost_source
+        elif other.calls == 0:
+            src = self.cost_source
+        else:
+            src = self.cost_source if self.cost_source == other.cost_source else CostSource.MIXED
+        cost = None if self.cost_msats is None or other.cost_msats is None else self.cost_msats + other.cost_msats
+        return LmUsage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+            self.cached_tokens + other.cached_tokens,
+            self.reasoning_tokens + other.reasoning_tokens,
+            cost,
+            src,
+            self.cache_hit and other.cache_hit if self.calls and other.calls else (self.cache_hit or other.cache_hit),
+            self.estimated or other.estimated,
+            self.calls + other.calls,
+        )
+
+    __radd__ = __add__
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["cost_source"] = self.cost_source.value if self.cost_source else None
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> LmUsage:
+        d = dict(d)
+        if d.get("cost_source"):
+            d["cost_source"] = CostSource(d["cost_source"])
+        return LmUsage(**d)
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "error", "unknown"]
+
+
+@dataclass(slots=True)
+class Completion:
+    """One answer: text, tool calls, why it stopped, what it cost."""
+
+    text: str
+    usage: LmUsage
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: FinishReason = "stop"
+    model: str = ""
+    provider: str = ""
+    id: str | None = None
+    latency_s: float | None = None
+    raw: Any = field(default=None, repr=False, compare=False)  # the provider's payload, never in reprs
+    route: Any = field(default=None, repr=False, compare=False)  # filled by LaneMux
+
+    def __str__(self) -> str:
+        return self.text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "usage": self.usage.to_json(),
+            "tool_calls": [t.to_json() for t in self.tool_calls],
+            "finish_reason": self.finish_reason,
+            "model": self.model,
+            "provider": self.provider,
+            "id": self.id,
+        }
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Completion:
+        return Completion(
+            text=d["text"],
+            usage=LmUsage.from_json(d["usage"]),
+            tool_calls=tuple(ToolCall(t["id"], t["name"], t["arguments"]) for t in d.get("tool_calls", ())),
+            finish_reason=d.get("finish_reason", "stop"),
+            model=d.get("model", ""),
+            provider=d.get("provider", ""),
+            id=d.get("id"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """The last item of a stream: the full completion, usage included."""
+
+    completion: Completion
+
+    def __str__(self) -> str:  # so `print(chunk, end="")` over a stream prints the text once
+        return ""
+
+    @property
+    def usage(self) -> LmUsage:
+        return self.completion.usage
