@@ -137,9 +137,15 @@ class Client:
         q: asyncio.Queue[Any] = asyncio.Queue()
         body = self.body(req, True)
 
+        cancelled = False
+
+        def on_chunk(chunk: dict[str, Any]) -> bool:
+            loop.call_soon_threadsafe(q.put_nowait, chunk)
+            return cancelled  # a true return tells the engine to stop generating
+
         def run() -> None:
             try:
-                engine.handle_completions(body, lambda chunk: loop.call_soon_threadsafe(q.put_nowait, chunk))
+                engine.handle_completions(body, on_chunk)
             except BaseException as e:  # delivered to the consumer
                 loop.call_soon_threadsafe(q.put_nowait, e)
             loop.call_soon_threadsafe(q.put_nowait, None)
@@ -162,6 +168,7 @@ class Client:
                     parts.append(text)
                     yield text
         finally:
+            cancelled = True
             await task
         if last is None:
             raise errors.ResponseFormatError("the engine produced nothing", provider="embedded", model=self.model)
