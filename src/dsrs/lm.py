@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from . import _sync, pricing
+from .budget import guard
 from .cache import Cache, cache_key, default_cache
 from .errors import ConfigurationError
 from .providers.base import Backend, Secret
@@ -194,8 +195,10 @@ class BaseLM:
             if hit is not None:
                 return self._finish(hit, started) if current().on_usage else hit
         backend = self.backend
-        c = await self._retry().run(lambda: backend.complete(req))
-        c = self._finish(c, started)
+        async with guard(self, req) as hold:
+            c = await self._retry().run(lambda: backend.complete(req))
+            c = self._finish(c, started)
+            hold.settle(c.usage)
         if key is not None:
             cache.put(key, c)  # type: ignore[union-attr]
         return c
@@ -232,20 +235,22 @@ class BaseLM:
                 await agen.aclose()
                 raise
 
-        item = await self._retry().run(first)
-        assert agen is not None
-        try:
-            while True:
-                if isinstance(item, Completion):
-                    c = self._finish(item, started)
-                    if key is not None:
-                        cache.put(key, c)  # type: ignore[union-attr]
-                    yield StreamEnd(c)
-                    return
-                yield item
-                item = await agen.__anext__()
-        finally:
-            await agen.aclose()
+        async with guard(self, req) as hold:
+            item = await self._retry().run(first)
+            assert agen is not None
+            try:
+                while True:
+                    if isinstance(item, Completion):
+                        c = self._finish(item, started)
+                        hold.settle(c.usage)
+                        if key is not None:
+                            cache.put(key, c)  # type: ignore[union-attr]
+                        yield StreamEnd(c)
+                        return
+                    yield item
+                    item = await agen.__anext__()
+            finally:
+                await agen.aclose()
 
     def stream(self, prompt: Input, **overrides: Any) -> Iterator[str | StreamEnd]:
         return _sync.iterate(self.astream(prompt, **overrides))
