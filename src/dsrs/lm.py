@@ -41,6 +41,10 @@ def to_messages(x: Input) -> tuple[Message, ...]:
     return msgs
 
 
+def _float(x: Any) -> float | None:
+    return None if x is None else float(x)  # 0 and 0.0 must be one cache key
+
+
 class BaseLM:
     """Shared builders and call path. Instances are immutable: every `with_*` returns a copy."""
 
@@ -145,8 +149,8 @@ class BaseLM:
             model=self.model,
             messages=to_messages(prompt),
             max_tokens=o.get("max_tokens"),
-            temperature=o.get("temperature"),
-            top_p=o.get("top_p"),
+            temperature=_float(o.get("temperature")),
+            top_p=_float(o.get("top_p")),
             seed=o.get("seed"),
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
             num_ctx=o.get("num_ctx"),

@@ -1,0 +1,54 @@
+"""A canary API key never shows up in a repr, str, exception, log record or cache file."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import dsrs
+from dsrs import LM
+from dsrs.cache import Cache, SqliteStore
+from scripted import Reply, chat_reply
+
+CANARY = "sk-canary-7f3a9c1e5b2d48f6"
+
+
+async def test_canary_never_leaks(scripted, tmp_path, caplog, fake_retry):
+    caplog.set_level(logging.DEBUG)
+    lm = LM("openai/gpt-4o", base_url=scripted.url + "/v1", api_key=CANARY, retry_policy=fake_retry)
+    cache = Cache(SqliteStore(tmp_path / "cache.sqlite3"))
+    seen = [repr(lm), str(lm), repr(lm.options), repr(lm.backend), repr(lm.backend.endpoint("/x"))]
+
+    scripted.script(chat_reply("ok"))
+    c = await lm.with_cache(cache).acall("hi")
+    seen += [repr(c), str(c), repr(c.usage)]
+    assert scripted.requests[0].headers["authorization"] == f"Bearer {CANARY}"  # it was sent, to the server only
+
+    # a server that echoes the key back in its error body
+    scripted.script(default=Reply(401, json={"error": {"message": f"Incorrect API key provided: {CANARY}",
+                                                       "code": "invalid_api_key"}}))  # fmt: skip
+    with pytest.raises(dsrs.AuthenticationError) as e:
+        await lm.acall("hi")
+    seen += [str(e.value), repr(e.value), repr(e.value.args)]
+
+    for text in seen:
+        assert CANARY not in text
+    for rec in caplog.records:
+        assert CANARY not in rec.getMessage()
+    for f in tmp_path.iterdir():
+        assert CANARY.encode() not in f.read_bytes()
+
+
+def test_missing_key_names_the_env_var(monkeypatch):
+    monkeypatch.delenv("GROQ_API_KEY", raising=False)
+    with pytest.raises(dsrs.MissingApiKeyError) as e:
+        LM("groq/llama-3.1-8b-instant").backend
+    assert "GROQ_API_KEY" in str(e.value)
+
+
+def test_key_from_env(monkeypatch, scripted):
+    monkeypatch.setenv("GROQ_API_KEY", "gsk-env")
+    scripted.script(chat_reply("ok"))
+    LM("groq/llama-3.1-8b-instant", base_url=scripted.url + "/v1")("hi")
+    assert scripted.requests[0].headers["authorization"] == "Bearer gsk-env"

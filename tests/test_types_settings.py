@@ -1,0 +1,97 @@
+"""LmUsage arithmetic, pricing, settings scopes, import hygiene."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import dsrs
+from dsrs import CostSource, LmUsage, pricing
+
+
+def test_usage_adds_exactly():
+    a = LmUsage(10, 5, 15, 2, 1, 7, CostSource.PRICE_TABLE, calls=1)
+    b = LmUsage(1, 2, 3, 0, 0, 11, CostSource.PRICE_TABLE, calls=1)
+    s = a + b
+    assert (s.prompt_tokens, s.completion_tokens, s.total_tokens, s.cached_tokens, s.reasoning_tokens) == (11, 7, 18, 2, 1)
+    assert s.cost_msats == 18 and s.calls == 2 and s.cost_source is CostSource.PRICE_TABLE
+    assert LmUsage() + LmUsage() == LmUsage()
+    assert sum([a, b, a], LmUsage()) == a + b + a
+    total = LmUsage()
+    for u in (a, b):
+        total = total + u
+    assert total == s
+
+
+def test_unknown_cost_is_contagious_and_sources_mix():
+    a = LmUsage(1, 1, 2, cost_msats=None, calls=1)
+    b = LmUsage(1, 1, 2, cost_msats=5, cost_source=CostSource.INVOICE, calls=1)
+    assert (a + b).cost_msats is None
+    c = LmUsage(cost_msats=3, cost_source=CostSource.PRICE_TABLE, calls=1)
+    assert (b + c).cost_source is CostSource.MIXED
+    assert (LmUsage() + b).cost_source is CostSource.INVOICE
+
+
+def test_price_table_is_dated_and_never_guesses():
+    assert pricing.table()["as_of"]
+    assert pricing.price("openai", "gpt-4o-2024-08-06") == pricing.price("openai", "gpt-4o")
+    assert pricing.price("openai", "gpt-4o-mystery") is None
+    assert pricing.cost_msats("openai", "no-such-model", 10, 10) is None
+    assert pricing.price("codex", "gpt-5-codex") == pricing.price("openai", "gpt-5-codex")
+    assert pricing.cost_msats("llamacpp", "anything", 10**6, 10**6) == 0
+
+
+def test_cached_tokens_are_cheaper_and_rate_is_configurable(monkeypatch):
+    full = pricing.cost_msats("openai", "gpt-4o", 1_000_000, 0)
+    cached = pricing.cost_msats("openai", "gpt-4o", 1_000_000, 0, cached=1_000_000)
+    assert full == 2_500_000 and cached == 1_250_000
+    monkeypatch.setenv("DSRS_MSATS_PER_USD", "2000000")
+    assert pricing.cost_msats("openai", "gpt-4o", 1_000_000, 0) == 5_000_000
+    with dsrs.context(msats_per_usd=10):
+        assert pricing.cost_msats("openai", "gpt-4o", 1_000_000, 0) == 25
+
+
+def test_configure_and_scoped_context():
+    a, b = object(), object()
+    dsrs.configure(a)
+    try:
+        assert dsrs.settings.current().lm is a
+        with dsrs.context(b):
+            assert dsrs.settings.current().lm is b
+            seen = []
+            t = threading.Thread(target=lambda: seen.append(dsrs.settings.current().lm))
+            t.start()
+            t.join()
+            assert seen == [a]  # a scoped override does not leak into other threads
+
+            async def task():
+                return dsrs.settings.current().lm
+
+            assert asyncio.run(task()) is b  # tasks inherit the scope they were made in
+        assert dsrs.settings.current().lm is a
+        dsrs.configure_with_adapter(b, "adapter")
+        assert dsrs.settings.current().adapter == "adapter"
+    finally:
+        dsrs.configure(None, adapter=None)
+
+
+def test_import_is_light_and_side_effect_free(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    env.pop("DSRS_CACHE_DIR", None)
+    code = (
+        "import sys, dsrs; "
+        "heavy = [m for m in ('aiohttp', 'xllamacpp', 'sqlite3', 'dsrs.providers.openai_chat') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.replace("'", '"')) == []
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_lm_repr_is_informative():
+    r = repr(dsrs.LM("openai/gpt-4o", temperature=0.1))
+    assert "openai" in r and "gpt-4o" in r and "temperature=0.1" in r
