@@ -22,7 +22,24 @@ def _thread_loop() -> asyncio.AbstractEventLoop:
     loop = getattr(_local, "loop", None)
     if loop is None or loop.is_closed():
         loop = _local.loop = asyncio.new_event_loop()
+        if threading.current_thread() is threading.main_thread():
+            atexit.register(_close, loop)
     return loop
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    """At exit: close the pooled connections of the main thread's loop, then the loop."""
+    if loop.is_closed() or loop.is_running():
+        return
+    from .http import aclose
+
+    async def shutdown() -> None:
+        await aclose()
+
+    try:
+        loop.run_until_complete(shutdown())
+    finally:
+        loop.close()
 
 
 def _background_loop() -> asyncio.AbstractEventLoop:
