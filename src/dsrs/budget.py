@@ -1,26 +1,352 @@
 """Budgets in msats: reserve the worst case before a call, settle to the actual cost, release on failure.
 
-(Placeholder for the LaneMux/budgets work: `guard` is the one hook `BaseLM` calls.)
+A `Budget` is attached to an LM (`lm.with_budget(b)`), to a lane (`mux.add_lane(..., budget=b)`,
+or `mux.with_budget(b)` for all lanes), or globally / per program (`dsrs.configure(budget=b)`,
+`with dsrs.context(budget=b): ...`). Every budget that applies to a call is reserved, all or
+nothing, by `guard`, which `BaseLM` runs once around every call (after the cache, around the
+retries): so a budget is checked where the provider and model, hence the price, are known.
+
+Rules (each one a decision):
+
+- **Atomic.** `reserve` checks and books under a `threading.Lock` with no await inside, so no
+  interleaving of asyncio tasks or threads can book past the limit: `spent + reserved <= limit`
+  holds for hard budgets whenever the provider charged no more than the worst case.
+- **Worst case** = every prompt token uncached plus `max_tokens` output, at list price
+  (`pricing.worst_case_msats`). Prompt tokens are estimated high: UTF-8 bytes / 2 per message plus
+  `MESSAGE_OVERHEAD` (real tokenizers average ~4 bytes per token in English, ~1 token per CJK
+  character). Without `max_tokens` in the request, `default_max_tokens` (a documented table)
+  stands in for the model's output cap: set `max_tokens` to make budgets tight.
+- **Hard limit**: `BudgetExceededError` before anything is sent. **Soft limit** (`soft=True`):
+  the call goes ahead and `on_soft_limit(budget, needed_msats)` is called (default: a logged
+  warning).
+- **Unknown price** (a model not in the price table): a hard budget refuses the call
+  (`BudgetExceededError`, code `unpriced`) unless the budget was made with
+  `allow_unpriced=True`, in which case the call books 0 and is counted in `unpriced_calls`.
+  Soft budgets let unpriced calls through, counted the same way. Free local models price at 0.
+- **Settle**: to `usage.cost_msats`. An unknown actual cost (`None`) keeps the whole reservation
+  (conservative). A provider charging more than the worst case is recorded as spent all the
+  same (the truth), which can leave the budget over its limit: later calls are then refused.
+- **Failure**: an error the provider answered with, or one raised before anything was sent,
+  releases the reservation. When the outcome is unknown (a timeout, a malformed or cut answer,
+  the caller cancelling or abandoning a stream) the reservation is kept at the worst case.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import contextvars
+import logging
+import math
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
+from . import pricing
+from .errors import BudgetExceededError, ConfigurationError, ResponseFormatError, TimeoutError
 from .types import Request
 
+log = logging.getLogger("dsrs.budget")
 
-class _NoHold:
+MESSAGE_OVERHEAD = 8  # tokens per message for role markers and separators, generously
+GENERIC_MAX_TOKENS = 8192  # output cap assumed when neither request nor table says
+# Output caps assumed when a request has no max_tokens, by model-name prefix (first match wins).
+DEFAULT_MAX_TOKENS: tuple[tuple[str, int], ...] = (
+    ("gpt-5", 128_000),
+    ("codex", 128_000),
+    ("o1", 100_000),
+    ("o3", 100_000),
+    ("o4", 100_000),
+    ("gpt-4.1", 32_768),
+    ("gpt-4o", 16_384),
+    ("claude-opus-4", 32_000),
+    ("claude", 64_000),
+    ("gemini-2.5", 65_536),
+    ("deepseek-reasoner", 64_000),
+)
+
+
+def default_max_tokens(model: str) -> int:
+    name = model.rsplit("/", 1)[-1]
+    for prefix, n in DEFAULT_MAX_TOKENS:
+        if name.startswith(prefix):
+            return n
+    return GENERIC_MAX_TOKENS
+
+
+def estimate_prompt_tokens(req: Request) -> int:
+    """An upper estimate of the prompt's tokens (see the module notes)."""
+    n = 0
+    for m in req.messages:
+        size = len(m.content.encode("utf-8"))
+        for t in m.tool_calls:
+            size += len(t.name) + len(repr(t.arguments).encode("utf-8"))
+        n += math.ceil(size / 2) + MESSAGE_OVERHEAD
+    for tool in req.tools:
+        n += math.ceil(len(repr(tool.to_json()).encode("utf-8")) / 2) + MESSAGE_OVERHEAD
+    if req.response_format:
+        n += math.ceil(len(repr(req.response_format).encode("utf-8")) / 2)
+    return n
+
+
+def worst_case(provider: str, model: str, req: Request) -> int | None:
+    """The most this request can cost on `provider/model`, in msats; None when the price is unknown."""
+    max_out = req.max_tokens if req.max_tokens is not None else default_max_tokens(model)
+    return pricing.worst_case_msats(provider, model, estimate_prompt_tokens(req), max_out)
+
+
+class Reservation:
+    """Money booked on one budget for one call: `settle(actual)` or `release()`, once."""
+
+    __slots__ = ("budget", "amount", "unpriced", "done")
+
+    def __init__(self, budget: Budget, amount: int, unpriced: bool) -> None:
+        self.budget = budget
+        self.amount = amount
+        self.unpriced = unpriced
+        self.done = False
+
+    def settle(self, actual_msats: int | None) -> None:
+        """Turn the booking into spending: `actual_msats`, or the whole reservation when unknown."""
+        self.budget._finish(self, self.amount if actual_msats is None else int(actual_msats))
+
+    def release(self) -> None:
+        """Nothing was spent: give the booking back."""
+        self.budget._finish(self, None)
+
+    def __repr__(self) -> str:
+        return f"Reservation({self.amount} msats, {'done' if self.done else 'open'})"
+
+
+class Budget:
+    """A spending limit in msats, shared by any number of concurrent calls (tasks or threads)."""
+
+    def __init__(
+        self,
+        limit_msats: int,
+        *,
+        soft: bool = False,
+        on_soft_limit: Callable[[Budget, int], None] | None = None,
+        allow_unpriced: bool = False,
+        name: str | None = None,
+    ) -> None:
+        if isinstance(limit_msats, bool) or not isinstance(limit_msats, int) or limit_msats < 0:
+            raise ConfigurationError(
+                f"a budget limit must be a non-negative int of msats, got {limit_msats!r}",
+                hint="Budget(10_000) is 10 sats",
+            )
+        self.limit_msats = limit_msats
+        self.soft = soft
+        self.on_soft_limit = on_soft_limit
+        self.allow_unpriced = allow_unpriced
+        self.name = name
+        self._lock = threading.Lock()
+        self._spent = 0
+        self._reserved = 0
+        self._open = 0
+        self.calls = 0  # settled reservations
+        self.released = 0  # released reservations
+        self.unpriced_calls = 0
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def spent_msats(self) -> int:
+        return self._spent
+
+    @property
+    def reserved_msats(self) -> int:
+        return self._reserved
+
+    @property
+    def open_reservations(self) -> int:
+        return self._open
+
+    @property
+    def available_msats(self) -> int:
+        with self._lock:
+            return max(0, self.limit_msats - self._spent - self._reserved)
+
+    def can_cover(self, worst_case_msats: int | None) -> str | None:
+        """Why this budget would refuse a call with this worst case now, or None if it would not."""
+        if self.soft:
+            return None
+        if worst_case_msats is None:
+            return None if self.allow_unpriced else "its price is unknown (Budget(..., allow_unpriced=True) allows it)"
+        avail = self.available_msats
+        if worst_case_msats > avail:
+            return f"worst case {worst_case_msats} msats > {avail} msats left of {self._label()}"
+        return None
+
+    def _label(self) -> str:
+        return f"budget {self.name!r}" if self.name else f"budget {self.limit_msats} msats"
+
+    def __repr__(self) -> str:
+        kind = "soft" if self.soft else "hard"
+        return (
+            f"Budget({self.limit_msats} msats {kind}{', ' + repr(self.name) if self.name else ''}: "
+            f"spent {self._spent}, reserved {self._reserved})"
+        )
+
+    # -- booking ----------------------------------------------------------------------------
+    def reserve(self, worst_case_msats: int | None) -> Reservation:
+        """Book the worst case of one call, or raise `BudgetExceededError` (hard limits only)."""
+        unpriced = worst_case_msats is None
+        amount = 0 if unpriced else int(worst_case_msats)  # type: ignore[arg-type]
+        if amount < 0:
+            raise ConfigurationError(f"a reservation cannot be negative ({amount})")
+        over = False
+        with self._lock:
+            if unpriced and not (self.allow_unpriced or self.soft):
+                refused = "unpriced"
+            elif not unpriced and self._spent + self._reserved + amount > self.limit_msats:
+                refused = "" if self.soft else "exceeded"
+                over = True
+            else:
+                refused = ""
+            if not refused:
+                self._reserved += amount
+                self._open += 1
+                if unpriced:
+                    self.unpriced_calls += 1
+            left = max(0, self.limit_msats - self._spent - self._reserved)
+        if refused == "unpriced":
+            raise BudgetExceededError(
+                f"{self._label()} cannot price this call: the model is not in the price table",
+                limit_msats=self.limit_msats,
+                code="unpriced",
+                hint="use a priced model, set usage pricing, or Budget(..., allow_unpriced=True)",
+            )
+        if refused:
+            raise BudgetExceededError(
+                f"{self._label()} cannot cover this call: worst case {amount} msats, {left} msats left",
+                limit_msats=self.limit_msats,
+                needed_msats=amount,
+                code="budget_exceeded",
+                hint="raise the limit, lower max_tokens, or use a cheaper lane",
+            )
+        if over:
+            self._soft_limit(amount)
+        return Reservation(self, amount, unpriced)
+
+    def _soft_limit(self, needed: int) -> None:
+        if self.on_soft_limit is not None:
+            self.on_soft_limit(self, needed)
+        else:
+            log.warning("%s is over its soft limit (call needs up to %d msats)", self._label(), needed)
+
+    def _finish(self, r: Reservation, spent: int | None) -> None:
+        with self._lock:
+            if r.done:
+                return
+            r.done = True
+            self._reserved -= r.amount
+            self._open -= 1
+            if spent is None:
+                self.released += 1
+            else:
+                self._spent += spent
+                self.calls += 1
+
+
+# -- the hook BaseLM calls -----------------------------------------------------------------------
+_scoped: contextvars.ContextVar[tuple[Budget, ...]] = contextvars.ContextVar("dsrs_budgets", default=())
+
+
+@contextlib.contextmanager
+def scope(budgets: Sequence[Budget]) -> Iterator[None]:
+    """Apply `budgets` to every LM call made inside this block (how lanes pass theirs down)."""
+    if not budgets:
+        yield
+        return
+    token = _scoped.set(_scoped.get() + tuple(budgets))
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
+
+
+def applicable(lm: Any) -> tuple[Budget, ...]:
+    """Every budget a call on `lm` here must reserve against, each once."""
+    from .settings import current
+
+    found: list[Budget] = []
+    opts = getattr(lm, "options", None) or {}
+    for b in (opts.get("budget"), *_scoped.get(), current().budget):
+        if b is not None and all(b is not x for x in found):
+            if not isinstance(b, Budget):
+                raise ConfigurationError(f"a budget must be a dsrs.Budget, got {b!r:.60}")
+            found.append(b)
+    return tuple(found)
+
+
+def refusal(lm: Any, req: Request, budgets: Sequence[Budget] | None = None) -> str | None:
+    """Why some budget would refuse `req` on `lm` right now (a LaneMux skip reason), or None."""
+    budgets = applicable(lm) if budgets is None else budgets
+    if not budgets:
+        return None
+    wc = worst_case(lm.provider, lm.model, req)
+    for b in budgets:
+        why = b.can_cover(wc)
+        if why:
+            return why
+    return None
+
+
+class Hold:
+    """The reservations of one call on every budget that applies."""
+
+    __slots__ = ("reservations",)
+
+    def __init__(self, reservations: list[Reservation]) -> None:
+        self.reservations = reservations
+
     def settle(self, usage: Any) -> None:
-        pass
+        cost = getattr(usage, "cost_msats", None)
+        for r in self.reservations:
+            r.settle(cost)
+
+    def release(self) -> None:
+        for r in self.reservations:
+            r.release()
+
+    def keep(self) -> None:
+        for r in self.reservations:
+            r.settle(None)
 
 
-_NO_HOLD = _NoHold()
+_NO_HOLD = Hold([])
+
+# Outcome unknown: the provider may have done (and billed) the work.
+_UNKNOWN_OUTCOME = (TimeoutError, ResponseFormatError, asyncio.CancelledError, GeneratorExit)
 
 
 @contextlib.asynccontextmanager
-async def guard(lm: Any, req: Request) -> AsyncIterator[Any]:
+async def guard(lm: Any, req: Request) -> AsyncIterator[Hold]:
     """Reserve against every budget that applies to `lm` for `req`; yields an object with `settle(usage)`."""
-    yield _NO_HOLD
+    budgets = applicable(lm)
+    if not budgets:
+        yield _NO_HOLD
+        return
+    wc = worst_case(lm.provider, lm.model, req)
+    held: list[Reservation] = []
+    try:
+        for b in budgets:
+            held.append(b.reserve(wc))
+    except BaseException as e:
+        for r in held:
+            r.release()
+        if isinstance(e, BudgetExceededError):
+            e.provider, e.model = e.provider or lm.provider or None, e.model or lm.model or None
+            e.args = (str(e),)
+        raise
+    hold = Hold(held)
+    try:
+        yield hold
+    except BaseException as e:
+        if isinstance(e, _UNKNOWN_OUTCOME):
+            hold.keep()
+        else:
+            hold.release()
+        raise
+    else:
+        hold.keep()  # no-op when the call settled; otherwise the cost is unknown

@@ -27,7 +27,7 @@ Input = str | Message | dict[str, Any] | Sequence[Message | dict[str, Any]]
 _REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop", "num_ctx", "tools", "tool_choice",
                    "response_format", "extra")  # fmt: skip
 _CLIENT_FIELDS = ("base_url", "api_key", "timeout", "retries", "cache", "headers", "api_version", "retry_policy",
-                  "cache_store")  # fmt: skip
+                  "cache_store", "budget")  # fmt: skip
 
 
 def to_messages(x: Input) -> tuple[Message, ...]:
@@ -114,6 +114,10 @@ class BaseLM:
 
     def with_retries(self, n: int) -> Any:
         return self._with(retries=n)
+
+    def with_budget(self, budget: Any) -> Any:
+        """Reserve every call's worst case on this `dsrs.Budget` (see dsrs.budget)."""
+        return self._with(budget=budget)
 
     def with_options(self, **opts: Any) -> Any:
         return self._with(**opts)

@@ -19,6 +19,7 @@ class Settings:
     msats_per_usd: int | None = None  # None: DSRS_MSATS_PER_USD, else pricing.DEFAULT_MSATS_PER_USD
     cache_dir: str | None = None  # None: DSRS_CACHE_DIR, else the user cache dir
     on_usage: tuple[Callable[[Any], None], ...] = field(default=())  # called with every completion
+    budget: Any = None  # a dsrs.Budget every call reserves against (see dsrs.budget)
 
 
 _global = Settings()
