@@ -1,0 +1,191 @@
+"""Gemini `generateContent` / `streamGenerateContent?alt=sse`, key in `x-goog-api-key`.
+
+Roles are `user` and `model`; system messages go to `systemInstruction`; tools are
+`functionDeclarations` (JSON Schema via `parametersJsonSchema`), calls come back as
+`functionCall` parts and results go back as `functionResponse` parts (matched by name, and by id
+when Gemini gave one). Structured output is `responseMimeType` + `responseJsonSchema`.
+A prompt or answer blocked for safety raises `SafetyBlockedError`. Thought parts are not text;
+`thoughtsTokenCount` counts as completion (and reasoning) tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .. import errors, http
+from ..types import Completion, LmUsage, Message, Request, ToolCall
+from . import convert
+from .base import HttpBackend
+
+_SYNTH = "gemini-call-"  # prefix of call ids we made up (Gemini gave none): never sent back
+_FINISH = {"STOP": "stop", "MAX_TOKENS": "length"}
+_BLOCKED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "LANGUAGE"}
+
+
+def _result(content: str) -> dict[str, Any]:
+    try:
+        v = json.loads(content)
+    except ValueError:
+        return {"result": content}
+    return v if isinstance(v, dict) else {"result": v}
+
+
+def _parts(m: Message, names: dict[str, str]) -> list[dict[str, Any]]:
+    if m.role == "tool":
+        fr: dict[str, Any] = {"name": names.get(m.tool_call_id or "", m.name or ""), "response": _result(m.content)}
+        if m.tool_call_id and not m.tool_call_id.startswith(_SYNTH):
+            fr["id"] = m.tool_call_id
+        return [{"functionResponse": fr}]
+    parts: list[dict[str, Any]] = [{"text": m.content}] if m.content or not m.tool_calls else []
+    for t in m.tool_calls:
+        fc: dict[str, Any] = {"name": t.name, "args": t.arguments}
+        if t.id and not t.id.startswith(_SYNTH):
+            fc["id"] = t.id
+        parts.append({"functionCall": fc})
+    return parts
+
+
+def _contents(req: Request) -> list[dict[str, Any]]:
+    names = convert.tool_names(req.messages)
+    out: list[dict[str, Any]] = []
+    for m in req.messages:
+        if m.role == "system":
+            continue
+        role = "model" if m.role == "assistant" else "user"
+        parts = _parts(m, names)
+        if out and out[-1]["role"] == role and m.role == "tool":  # parallel results share one turn
+            out[-1]["parts"] += parts
+        else:
+            out.append({"role": role, "parts": parts})
+    return out
+
+
+def encode(req: Request) -> dict[str, Any]:
+    body: dict[str, Any] = {"contents": _contents(req)}
+    system = convert.system_text(req.messages)
+    if system is not None:
+        body["systemInstruction"] = {"parts": [{"text": system}]}
+    cfg: dict[str, Any] = {}
+    for key, v in (("maxOutputTokens", req.max_tokens), ("temperature", req.temperature), ("topP", req.top_p),
+                   ("seed", req.seed), ("stopSequences", list(req.stop) or None)):  # fmt: skip
+        if v is not None:
+            cfg[key] = v
+    out = convert.output(req.response_format)
+    if out is not None:
+        cfg["responseMimeType"] = "application/json"
+        if out.schema is not None:
+            cfg["responseJsonSchema"] = out.schema
+    if cfg:
+        body["generationConfig"] = cfg
+    if req.tools:
+        body["tools"] = [{"functionDeclarations": [
+            {"name": t.name, "description": t.description, "parametersJsonSchema": t.parameters} for t in req.tools]}]
+    choice = convert.tool_choice(req.tool_choice)
+    if choice is not None:
+        mode, name = choice
+        fcc: dict[str, Any] = {"mode": {"auto": "AUTO", "none": "NONE"}.get(mode, "ANY")}
+        if name:
+            fcc["allowedFunctionNames"] = [name]
+        body["toolConfig"] = {"functionCallingConfig": fcc}
+    body.update(req.extra)
+    return body
+
+
+def usage(u: dict[str, Any] | None) -> LmUsage:
+    if not u:
+        return LmUsage(calls=1, cost_msats=None, estimated=True)
+    p = u.get("promptTokenCount") or 0
+    thoughts = u.get("thoughtsTokenCount") or 0
+    c = (u.get("candidatesTokenCount") or 0) + thoughts
+    return LmUsage(prompt_tokens=p, completion_tokens=c, total_tokens=u.get("totalTokenCount") or p + c,
+                   cached_tokens=u.get("cachedContentTokenCount") or 0, reasoning_tokens=thoughts,
+                   cost_msats=None, calls=1)  # fmt: skip
+
+
+def _blocked(reason: str, provider: str, model: str, where: str) -> errors.SafetyBlockedError:
+    return errors.SafetyBlockedError(f"Gemini blocked the {where} ({reason})", provider=provider, model=model,
+                                     code=reason, hint="rephrase the prompt or adjust safetySettings via extra")  # fmt: skip
+
+
+class _Acc:
+    """Accumulates one or many GenerateContentResponse chunks."""
+
+    def __init__(self, provider: str, model: str) -> None:
+        self.provider, self.model = provider, model
+        self.text: list[str] = []
+        self.calls: list[ToolCall] = []
+        self.finish: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.model_version: str | None = None
+        self.id: str | None = None
+
+    def add(self, chunk: Any) -> str:
+        """Take one chunk; return its new text."""
+        if not isinstance(chunk, dict):
+            raise convert.malformed(chunk, "a Gemini response", self.provider, self.model)
+        if "error" in chunk:
+            raise errors.from_response(502, chunk, provider=self.provider, model=self.model)
+        block = (chunk.get("promptFeedback") or {}).get("blockReason")
+        if block:
+            raise _blocked(block, self.provider, self.model, "prompt")
+        self.usage = chunk.get("usageMetadata") or self.usage
+        self.model_version = chunk.get("modelVersion") or self.model_version
+        self.id = chunk.get("responseId") or self.id
+        cands = chunk.get("candidates") or []
+        if not cands:
+            return ""
+        cand = cands[0]
+        new = []
+        for part in (cand.get("content") or {}).get("parts") or ():
+            if "text" in part and not part.get("thought"):
+                new.append(part["text"])
+            elif "functionCall" in part:
+                fc = part["functionCall"]
+                cid = fc.get("id") or f"{_SYNTH}{len(self.calls)}"
+                self.calls.append(convert.tool_call(cid, fc.get("name", ""), fc.get("args") or {}))
+        self.text += new
+        if cand.get("finishReason"):
+            self.finish = cand["finishReason"]
+        return "".join(new)
+
+    def completion(self, raw: Any = None) -> Completion:
+        if self.finish in _BLOCKED and not self.text and not self.calls:
+            raise _blocked(self.finish, self.provider, self.model, "answer")  # type: ignore[arg-type]
+        if self.finish in _BLOCKED:
+            finish = "content_filter"
+        elif self.calls:
+            finish = "tool_calls"
+        else:
+            finish = _FINISH.get(self.finish or "", "unknown")
+        return Completion("".join(self.text), usage(self.usage), tuple(self.calls), finish,  # type: ignore[arg-type]
+                          self.model_version or self.model, self.provider, self.id, raw=raw)  # fmt: skip
+
+
+class Client(HttpBackend):
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        path = self.model if self.model.startswith("models/") else f"models/{self.model}"
+        self._ep = self.endpoint(f"/{path}:generateContent")
+        self._sse = self.endpoint(f"/{path}:streamGenerateContent?alt=sse")
+
+    async def complete(self, req: Request) -> Completion:
+        self.check(req)
+        payload = await http.post_json(self._ep, encode(req))
+        acc = _Acc(self.service.name, self.model)
+        acc.add(payload)
+        if acc.finish is None and not acc.text and not acc.calls:
+            raise convert.malformed(payload, "a Gemini response", self.service.name, self.model)
+        return acc.completion(payload)
+
+    async def stream(self, req: Request) -> AsyncIterator[str | Completion]:
+        self.check(req)
+        acc = _Acc(self.service.name, self.model)
+        async for _event, data in http.sse_events(self._sse, encode(req)):
+            text = acc.add(convert.chunk(data, self.service.name, self.model))
+            if text:
+                yield text
+        if acc.finish is None:
+            raise convert.stream_cut(self.service.name, self.model)
+        yield acc.completion()

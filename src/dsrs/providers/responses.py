@@ -1,0 +1,169 @@
+"""OpenAI Responses API (`POST /responses`): codex models and `openai-responses/...`.
+
+System messages become `instructions`; the conversation becomes `input` items (messages,
+`function_call`, `function_call_output`). The protocol has no `stop` and no `seed`: asking for
+them is an error before sending (a server that accepts them anyway takes them via `extra`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .. import errors, http
+from ..types import Completion, LmUsage, Request, ToolCall
+from . import convert
+from .base import HttpBackend
+
+_INCOMPLETE = {"max_output_tokens": "length", "content_filter": "content_filter"}
+
+
+def _input(req: Request) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    for m in req.messages:
+        if m.role == "system":
+            continue
+        if m.role == "tool":
+            items.append({"type": "function_call_output", "call_id": m.tool_call_id, "output": m.content})
+            continue
+        if m.content or not m.tool_calls:
+            items.append({"role": m.role, "content": m.content})
+        for t in m.tool_calls:
+            items.append({"type": "function_call", "call_id": t.id, "name": t.name,
+                          "arguments": json.dumps(t.arguments)})  # fmt: skip
+    return items
+
+
+def encode(req: Request, stream: bool, provider: str) -> dict[str, Any]:
+    if req.stop:
+        convert.refuse(provider, req.model, "stop sequences",
+                       "lower max_tokens, or pass extra={'stop': [...]} to a server that accepts it")  # fmt: skip
+    if req.seed is not None:
+        convert.refuse(provider, req.model, "seed", "drop with_seed(...) for this provider")
+    body: dict[str, Any] = {"model": req.model, "input": _input(req)}
+    instructions = convert.system_text(req.messages)
+    if instructions is not None:
+        body["instructions"] = instructions
+    if req.max_tokens is not None:
+        body["max_output_tokens"] = req.max_tokens
+    if req.temperature is not None:
+        body["temperature"] = req.temperature
+    if req.top_p is not None:
+        body["top_p"] = req.top_p
+    if req.tools:
+        body["tools"] = [{"type": "function", "name": t.name, "description": t.description,
+                          "parameters": t.parameters} for t in req.tools]  # fmt: skip
+    choice = convert.tool_choice(req.tool_choice)
+    if choice is not None:
+        mode, name = choice
+        body["tool_choice"] = {"type": "function", "name": name} if mode == "tool" else mode
+    out = convert.output(req.response_format)
+    if out is not None:
+        fmt: dict[str, Any] = {"type": "json_object"}
+        if out.schema is not None:
+            fmt = {"type": "json_schema", "name": out.name, "schema": out.schema}
+            if out.strict is not None:
+                fmt["strict"] = out.strict
+        body["text"] = {"format": fmt}
+    if stream:
+        body["stream"] = True
+    body.update(req.extra)
+    return body
+
+
+def usage(u: dict[str, Any] | None) -> LmUsage:
+    if not u:
+        return LmUsage(calls=1, cost_msats=None, estimated=True)
+    p = u.get("input_tokens") or 0
+    c = u.get("output_tokens") or 0
+    return LmUsage(
+        prompt_tokens=p,
+        completion_tokens=c,
+        total_tokens=u.get("total_tokens") or p + c,
+        cached_tokens=(u.get("input_tokens_details") or {}).get("cached_tokens") or 0,
+        reasoning_tokens=(u.get("output_tokens_details") or {}).get("reasoning_tokens") or 0,
+        cost_msats=None,
+        calls=1,
+    )
+
+
+def _failed(resp: dict[str, Any], provider: str, model: str) -> errors.APIError:
+    err = resp.get("error") or {"code": "server_error", "message": "the response failed"}
+    return errors.from_response(502, {"error": err}, provider=provider, model=model)
+
+
+def _calls(output: list[dict[str, Any]]) -> tuple[ToolCall, ...]:
+    return tuple(convert.tool_call(i.get("call_id") or i.get("id") or "", i.get("name", ""), i.get("arguments"))
+                 for i in output if i.get("type") == "function_call")  # fmt: skip
+
+
+def _finish(resp: dict[str, Any], calls: tuple[ToolCall, ...], refused: bool) -> str:
+    if resp.get("status") == "incomplete":
+        return _INCOMPLETE.get((resp.get("incomplete_details") or {}).get("reason") or "", "unknown")
+    if refused:
+        return "content_filter"
+    return "tool_calls" if calls else "stop"
+
+
+def decode(resp: Any, provider: str, model: str) -> Completion:
+    if not isinstance(resp, dict) or not isinstance(resp.get("output"), list):
+        if isinstance(resp, dict) and resp.get("error"):
+            raise _failed(resp, provider, model)
+        raise convert.malformed(resp, "a Responses API response", provider, model)
+    if resp.get("status") == "failed":
+        raise _failed(resp, provider, model)
+    text, refused = [], False
+    for item in resp["output"]:
+        if item.get("type") == "message":
+            for part in item.get("content") or ():
+                if part.get("type") == "output_text":
+                    text.append(part.get("text") or "")
+                elif part.get("type") == "refusal":
+                    refused = True
+    calls = _calls(resp["output"])
+    return Completion("".join(text), usage(resp.get("usage")), calls, _finish(resp, calls, refused),  # type: ignore[arg-type]
+                      resp.get("model") or model, provider, resp.get("id"), raw=resp)  # fmt: skip
+
+
+class Client(HttpBackend):
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._ep = self.endpoint("/responses")
+
+    async def complete(self, req: Request) -> Completion:
+        self.check(req)
+        payload = await http.post_json(self._ep, encode(req, False, self.service.name))
+        return decode(payload, self.service.name, self.model)
+
+    async def stream(self, req: Request) -> AsyncIterator[str | Completion]:
+        self.check(req)
+        name, model = self.service.name, self.model
+        body = encode(req, True, name)
+        parts: list[str] = []
+        items: list[dict[str, Any]] = []
+        async for _event, data in http.sse_events(self._ep, body):
+            if data == "[DONE]":
+                break
+            ev = convert.chunk(data, name, model)
+            kind = ev.get("type")
+            if kind == "response.output_text.delta":
+                delta = ev.get("delta") or ""
+                if delta:
+                    parts.append(delta)
+                    yield delta
+            elif kind == "response.output_item.done":
+                items.append(ev.get("item") or {})
+            elif kind in ("response.completed", "response.incomplete"):
+                resp = ev.get("response") or {}
+                calls = _calls(items) or _calls(resp.get("output") or [])
+                refused = any(p.get("type") == "refusal" for i in items for p in i.get("content") or ())
+                yield Completion("".join(parts), usage(resp.get("usage")), calls,
+                                 _finish(resp, calls, refused), resp.get("model") or model, name,  # type: ignore[arg-type]
+                                 resp.get("id"), raw=resp)  # fmt: skip
+                return
+            elif kind == "response.failed":
+                raise _failed(ev.get("response") or {}, name, model)
+            elif kind == "error":
+                raise errors.from_response(502, {"error": ev}, provider=name, model=model)
+        raise convert.stream_cut(name, model)
