@@ -38,6 +38,10 @@ _LAZY = {
     "Cache": "dsrs.cache",
     "RetryPolicy": "dsrs.retry",
     "settings": "dsrs.settings",
+    "Predict": "dsrs.predict", "Signature": "dsrs.predict", "Prediction": "dsrs.predict",
+    "InputField": "dsrs.predict", "OutputField": "dsrs.predict", "Adapter": "dsrs.predict",
+    "ChatAdapter": "dsrs.predict", "JSONAdapter": "dsrs.predict", "CompletionAdapter": "dsrs.predict",
+    "AdapterParseError": "dsrs.predict", "usage": "dsrs.ledger",
 }
 
 
@@ -58,5 +62,6 @@ __all__ = [
     "Message", "MissingApiKeyError", "NotFoundError", "PermissionDeniedError", "ProviderUnavailableError",
     "QuotaExceededError", "RateLimitError", "Request", "ResponseFormatError", "RetryPolicy", "StreamEnd",
     "TimeoutError", "Tool", "ToolCall", "UnknownProviderError", "UnsupportedFeatureError", "configure",
-    "configure_with_adapter", "context",
+    "configure_with_adapter", "context", "Predict", "Signature", "Prediction", "InputField", "OutputField", "Adapter",
+    "ChatAdapter", "JSONAdapter", "CompletionAdapter", "AdapterParseError", "usage",
 ]  # fmt: skip

@@ -1,0 +1,165 @@
+"""The usage ledger: one SQLite row per LM call a program made, beside the cache (`ledger.sqlite3`).
+
+Rows hold when, which lane, provider and model, tokens, cost in msats and where that figure
+came from, whether the cache answered, and latency. Never prompts, answers, keys or URLs.
+`Predict` records every call it makes; `dsrs.usage(by="model"|"lane"|"day"|"provider")` sums them.
+Set `DSRS_LEDGER=off` to record nothing. A ledger that cannot be written never fails a call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigurationError
+
+log = logging.getLogger("dsrs.ledger")
+
+_COLUMNS = ("time", "lane", "provider", "model", "prompt_tokens", "completion_tokens", "total_tokens", "cost_msats",
+            "cost_source", "cache_hit", "estimated", "latency_s", "program")  # fmt: skip
+_SCHEMA = """CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY, time REAL NOT NULL, lane TEXT, provider TEXT, model TEXT,
+    prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
+    cost_msats INTEGER, cost_source TEXT, cache_hit INTEGER, estimated INTEGER, latency_s REAL, program TEXT)"""
+_GROUPS = {
+    "model": "provider || '/' || model",
+    "provider": "provider",
+    "lane": "coalesce(lane, '-')",
+    "day": "date(time, 'unixepoch')",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    time: float
+    lane: str | None
+    provider: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_msats: int | None  # None: the price is unknown
+    cost_source: str | None
+    cache_hit: bool
+    estimated: bool
+    latency_s: float | None
+    program: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    key: str  # the model, lane, provider or UTC day
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_msats: int  # sum of the known costs
+    unknown_cost_calls: int  # calls whose cost is unknown (not in cost_msats)
+    cache_hits: int
+    first: float  # unix time of the first and last call
+    last: float
+
+
+class Ledger:
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        if path is None:
+            from .cache import default_dir
+
+            path = default_dir() / "ledger.sqlite3"
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+            self._db = db
+        return self._db
+
+    def record(self, completion: Any, *, lane: str | None = None, program: str | None = None,
+               latency_s: float | None = None) -> None:  # fmt: skip
+        """One call, from its `Completion`. Errors are logged, never raised."""
+        u = completion.usage
+        src = getattr(u.cost_source, "value", u.cost_source)
+        row = (time.time(), lane, completion.provider or "", completion.model or "", u.prompt_tokens,
+               u.completion_tokens, u.total_tokens, u.cost_msats, src, int(u.cache_hit), int(u.estimated),
+               completion.latency_s if completion.latency_s is not None else latency_s, program)  # fmt: skip
+        try:
+            with self._lock:
+                self._open().execute(f"INSERT INTO calls ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", row)
+        except (sqlite3.Error, OSError) as e:
+            log.warning("could not write the usage ledger %s: %s", self.path, e)
+
+    def rows(self, since: float | None = None) -> list[Row]:
+        q = f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE time >= ? ORDER BY id"
+        with self._lock:
+            if not self._exists():
+                return []
+            raw = self._open().execute(q, (since or 0,)).fetchall()
+        return [Row(*r[:9], bool(r[9]), bool(r[10]), r[11], r[12]) for r in raw]
+
+    def summary(self, by: str = "model", since: float | None = None) -> list[Summary]:
+        """Calls, tokens and cost grouped by model (provider/model), provider, lane or UTC day."""
+        key = _GROUPS.get(by)
+        if key is None:
+            raise ConfigurationError(f"cannot group usage by {by!r}", hint="by: " + ", ".join(_GROUPS))
+        q = (
+            f"SELECT {key} AS k, count(*), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens),"
+            " coalesce(sum(cost_msats), 0), sum(cost_msats IS NULL), sum(cache_hit), min(time), max(time)"
+            " FROM calls WHERE time >= ? GROUP BY k ORDER BY " + ("k" if by == "day" else "min(time)")
+        )
+        with self._lock:
+            if not self._exists():
+                return []
+            raw = self._open().execute(q, (since or 0,)).fetchall()
+        return [Summary(*r) for r in raw]
+
+    def _exists(self) -> bool:
+        return self._db is not None or self.path.exists()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
+_ledgers: dict[Path, Ledger] = {}
+_lock = threading.Lock()
+
+
+def default_ledger() -> Ledger:
+    """The ledger beside the current cache directory (one per directory)."""
+    from .cache import default_dir
+
+    path = default_dir() / "ledger.sqlite3"
+    with _lock:
+        led = _ledgers.get(path)
+        if led is None:
+            led = _ledgers[path] = Ledger(path)
+        return led
+
+
+def enabled() -> bool:
+    return os.environ.get("DSRS_LEDGER", "").strip().lower() not in ("0", "off", "false", "no")
+
+
+def record(completion: Any, *, lane: str | None = None, program: str | None = None,
+           latency_s: float | None = None) -> None:  # fmt: skip
+    if enabled():
+        default_ledger().record(completion, lane=lane, program=program, latency_s=latency_s)
+
+
+def usage(by: str = "model", since: float | None = None) -> list[Summary]:
+    """The ledger summed by "model", "provider", "lane" or "day" (UTC), optionally since a unix time."""
+    return default_ledger().summary(by, since)
