@@ -35,6 +35,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LM": "dsrs.lm",
     "BaseLM": "dsrs.lm",
+    "CodexSdkLM": "dsrs.codex_sdk",
     "Cache": "dsrs.cache",
     "RetryPolicy": "dsrs.retry",
     "settings": "dsrs.settings",

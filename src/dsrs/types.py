@@ -197,6 +197,7 @@ class Completion:
     latency_s: float | None = None
     raw: Any = field(default=None, repr=False, compare=False)  # the provider's payload, never in reprs
     route: Any = field(default=None, repr=False, compare=False)  # filled by LaneMux
+    items: tuple[Any, ...] = field(default=(), repr=False, compare=False)  # an agent's steps (CodexSdkLM)
 
     def __str__(self) -> str:
         return self.text

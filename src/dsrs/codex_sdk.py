@@ -1,0 +1,548 @@
+"""CodexSdkLM: the Codex CLI, run headless (`codex exec --json`), as an LM.
+
+One call = one `codex exec` process (N calls at once = N processes). The prompt goes in on
+stdin, which is then closed (the CLI waits for EOF otherwise); JSONL events come out on stdout.
+The reply is the turn's last agent message; everything the agent did (commands run, file
+changes, reasoning, web searches, MCP tool calls, to-do lists, non-fatal errors) is on
+`completion.items` as typed items, the thread id on `completion.id`, and `lm.session(id)`
+continues that thread (`codex exec ... resume <id>`).
+
+Usage: the CLI reports the thread's running total; a turn's usage is that total minus the total
+before the turn (read from the thread's rollout file in CODEX_HOME). Cost comes from the price
+table for the model (`with_model`). Sampling options (temperature, max_tokens...) do not exist
+in the CLI and are ignored. Retries are off by default (an agent turn has side effects) and so
+is caching, as for every LM.
+
+A timeout (default 600 s) stops the whole process group, SIGTERM then SIGKILL, and raises
+`dsrs.TimeoutError`; the group is also cleared when a call is cancelled and after every exit,
+so no process the agent started outlives the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import signal
+import tempfile
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import errors
+from .lm import BaseLM, Input
+from .types import Completion, LmUsage, Request, StreamEnd
+
+PROVIDER = "codex-sdk"
+DEFAULT_TIMEOUT = 600.0
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
+SANDBOXES = ("read-only", "workspace-write", "danger-full-access")
+INSTALL_HINT = "install the Codex CLI with `npm install -g @openai/codex`, or pass with_binary(path)"
+_TEST_COPY = "~/.cache/dsrs-test/codex-*/node_modules/.bin/codex"  # where scripts/test installs it
+_LINE_LIMIT = 64 * 1024 * 1024  # one JSONL event can carry a command's whole output
+
+
+# -- typed items ----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class AgentMessage:
+    id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reasoning:
+    id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandExecution:
+    id: str
+    command: str
+    output: str
+    exit_code: int | None
+    status: str  # in_progress | completed | failed | declined
+
+
+@dataclass(frozen=True, slots=True)
+class FileUpdate:
+    path: str
+    kind: str  # add | delete | update
+
+
+@dataclass(frozen=True, slots=True)
+class FileChange:
+    id: str
+    changes: tuple[FileUpdate, ...]
+    status: str  # in_progress | completed | failed
+
+
+@dataclass(frozen=True, slots=True)
+class McpToolCall:
+    id: str
+    server: str
+    tool: str
+    arguments: Any
+    result: Any
+    error: str | None
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class WebSearch:
+    id: str
+    query: str
+    action: Any
+
+
+@dataclass(frozen=True, slots=True)
+class TodoItem:
+    text: str
+    completed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TodoList:
+    id: str
+    items: tuple[TodoItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorItem:
+    """A non-fatal error the CLI reported inside the turn."""
+
+    id: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class OtherItem:
+    """An item type this version of dsrs does not know; its JSON as the CLI sent it."""
+
+    id: str
+    type: str
+    data: dict[str, Any]
+
+
+Item = (AgentMessage | Reasoning | Plan | CommandExecution | FileChange | McpToolCall | WebSearch | TodoList
+        | ErrorItem | OtherItem)  # fmt: skip
+
+
+def parse_item(d: dict[str, Any]) -> Item:
+    """The typed form of one `item` of an `item.*` event."""
+    i, t = str(d.get("id", "")), d.get("type", "")
+    if t == "agent_message":
+        return AgentMessage(i, d.get("text", ""))
+    if t == "reasoning":
+        return Reasoning(i, d.get("text", ""))
+    if t == "plan":
+        return Plan(i, d.get("text", ""))
+    if t == "command_execution":
+        return CommandExecution(i, d.get("command", ""), d.get("aggregated_output", ""), d.get("exit_code"),
+                                d.get("status", ""))  # fmt: skip
+    if t == "file_change":
+        changes = tuple(FileUpdate(c.get("path", ""), c.get("kind", "")) for c in d.get("changes") or ())
+        return FileChange(i, changes, d.get("status", ""))
+    if t == "mcp_tool_call":
+        err = d.get("error")
+        return McpToolCall(i, d.get("server", ""), d.get("tool", ""), d.get("arguments"), d.get("result"),
+                           err.get("message") if isinstance(err, dict) else err, d.get("status", ""))  # fmt: skip
+    if t == "web_search":
+        return WebSearch(i, d.get("query", ""), d.get("action"))
+    if t == "todo_list":
+        return TodoList(i, tuple(TodoItem(x.get("text", ""), bool(x.get("completed"))) for x in d.get("items") or ()))
+    if t == "error":
+        return ErrorItem(i, d.get("message", ""))
+    return OtherItem(i, t, d)
+
+
+@dataclass(slots=True)
+class CodexTurn:
+    """`completion.raw` of a Codex call: the thread, the items, the running total, every event."""
+
+    thread_id: str
+    items: tuple[Item, ...]
+    thread_usage: dict[str, int]  # the CLI's running total for the thread after this turn
+    events: list[dict[str, Any]] = field(repr=False, default_factory=list)
+
+
+# -- errors ---------------------------------------------------------------------------------
+class CodexError(errors.APIError):
+    """The Codex CLI failed (bad flags, unknown thread, crash). Not retried: a turn has side effects."""
+
+
+class CodexTurnFailedError(CodexError):
+    """The CLI reported `turn.failed`; `message` is the CLI's own."""
+
+
+# -- the LM ---------------------------------------------------------------------------------
+class CodexSdkLM(BaseLM):
+    """`CodexSdkLM().with_model("gpt-5-codex").with_timeout(60).with_working_dir("/repo")`."""
+
+    provider = PROVIDER
+
+    def __init__(self, model: str = "", **opts: Any) -> None:
+        self.model = model
+        opts.setdefault("retries", 0)
+        super().__init__(**opts)
+
+    def _extra_options(self) -> tuple[str, ...]:
+        return ("working_dir", "sandbox", "codex_home", "env", "config", "binary", "thread_id", "item_stream")
+
+    # builders
+    def with_model(self, model: str) -> CodexSdkLM:
+        new: CodexSdkLM = self._with()
+        new.model = model
+        return new
+
+    def with_working_dir(self, path: str | os.PathLike[str]) -> CodexSdkLM:
+        return self._with(working_dir=os.fspath(path))
+
+    def with_sandbox(self, mode: str) -> CodexSdkLM:
+        if mode not in SANDBOXES:
+            raise errors.ConfigurationError(f"unknown sandbox mode {mode!r}", provider=PROVIDER,
+                                            hint="use one of " + ", ".join(SANDBOXES))  # fmt: skip
+        return self._with(sandbox=mode)
+
+    def with_codex_home(self, path: str | os.PathLike[str]) -> CodexSdkLM:
+        return self._with(codex_home=os.fspath(path))
+
+    def with_env(self, env: dict[str, str]) -> CodexSdkLM:
+        """Extra environment variables for the CLI (merged over this process's environment)."""
+        return self._with(env={**(self._opts.get("env") or {}), **env})
+
+    def with_config(self, config: dict[str, Any]) -> CodexSdkLM:
+        """CLI config overrides, each passed as `-c key=value` (value written as TOML)."""
+        return self._with(config={**(self._opts.get("config") or {}), **config})
+
+    def with_binary(self, path: str | os.PathLike[str]) -> CodexSdkLM:
+        return self._with(binary=os.fspath(path))
+
+    def session(self, thread: str | Completion) -> CodexSdkLM:
+        """This LM bound to an existing thread: every call resumes it (`codex exec ... resume <id>`)."""
+        tid = thread.id if isinstance(thread, Completion) else thread
+        if not isinstance(tid, str) or not tid:
+            raise errors.ConfigurationError("session() needs a thread id", provider=PROVIDER,
+                                            hint="pass completion.id of an earlier Codex call")  # fmt: skip
+        return self._with(thread_id=tid)
+
+    @property
+    def thread_id(self) -> str | None:
+        return self._opts.get("thread_id")
+
+    def __repr__(self) -> str:
+        shown = {k: v for k, v in self._opts.items() if k not in ("api_key", "env", "retry_policy")}
+        if "env" in self._opts:
+            shown["env"] = {k: "**********" for k in self._opts["env"]}
+        return f"CodexSdkLM(model={self.model!r}" + "".join(f", {k}={v!r}" for k, v in shown.items()) + ")"
+
+    def request(self, prompt: Input, **overrides: Any) -> Request:
+        """Adds what changes a Codex answer besides the messages (thread, directory, sandbox, config)."""
+        req = super().request(prompt, **overrides)
+        o = self._opts
+        where = {k: o[k] for k in ("thread_id", "working_dir", "sandbox", "config") if o.get(k)}
+        return dataclasses.replace(req, extra={**req.extra, "codex": where}) if where else req
+
+    def _make_backend(self) -> CodexExec:
+        return CodexExec(self.model, self._opts)
+
+    async def aitems(self, prompt: Input, **overrides: Any) -> AsyncIterator[Item | StreamEnd]:
+        """The agent's items as the CLI reports them (a snapshot per `item.started/updated/completed`;
+        one id can repeat with a newer status), then a `StreamEnd` with the completion."""
+        async for x in self._with(item_stream=True).astream(prompt, **overrides):
+            if not isinstance(x, str):
+                yield x
+
+
+# -- the backend ----------------------------------------------------------------------------
+def find_binary(explicit: str | None) -> str:
+    """The codex executable: `explicit`, else `codex` on PATH, else the copy scripts/test installs."""
+    if explicit:
+        if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
+            return explicit
+        raise errors.ConfigurationError(f"the Codex CLI is not at {explicit!r}", provider=PROVIDER, hint=INSTALL_HINT)
+    found = shutil.which("codex") or next(iter(sorted(glob.glob(os.path.expanduser(_TEST_COPY)), reverse=True)), None)
+    if not found:
+        raise errors.ConfigurationError("the Codex CLI (`codex`) was not found", provider=PROVIDER, hint=INSTALL_HINT)
+    return found
+
+
+def toml_value(v: Any) -> str:
+    """A Python value as a TOML value for `-c key=value`."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise errors.ConfigurationError(f"cannot pass {type(v).__name__} {v!r:.60} as a Codex config value",
+                                    provider=PROVIDER, hint="use str, int, float, bool, list or dict")  # fmt: skip
+
+
+_USAGE_KEYS = ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_output_tokens")
+
+
+def thread_total(codex_home: str, thread_id: str) -> dict[str, int]:
+    """The thread's running usage total so far, from its rollout file (zero when none is found)."""
+    total: dict[str, int] = {}
+    for path in glob.glob(os.path.join(glob.escape(codex_home), "sessions", "*", "*", "*",
+                                       f"rollout-*-{glob.escape(thread_id)}.jsonl")):  # fmt: skip
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if '"token_count"' not in line:
+                    continue
+                with contextlib.suppress(ValueError, AttributeError, TypeError):
+                    t = json.loads(line)["payload"]["info"]["total_token_usage"]
+                    total = {k: int(t.get(k) or 0) for k in _USAGE_KEYS}
+    return total
+
+
+def turn_usage(total: dict[str, int], before: dict[str, int]) -> LmUsage:
+    d = {k: max(0, int(total.get(k) or 0) - before.get(k, 0)) for k in _USAGE_KEYS}
+    return LmUsage(
+        prompt_tokens=d["input_tokens"],
+        completion_tokens=d["output_tokens"],
+        total_tokens=d["input_tokens"] + d["output_tokens"],
+        cached_tokens=d["cached_input_tokens"],
+        reasoning_tokens=d["reasoning_output_tokens"],
+        cost_msats=None,
+        calls=1,
+    )
+
+
+def render_prompt(req: Request) -> tuple[str, str]:
+    """(developer instructions, prompt): system messages become instructions; a lone user message
+    is the prompt as is, a longer conversation a plain transcript."""
+    system = "\n\n".join(m.content for m in req.messages if m.role == "system")
+    rest = [m for m in req.messages if m.role != "system"]
+    if len(rest) == 1 and rest[0].role == "user":
+        return system, rest[0].content
+    if not rest:
+        raise errors.ConfigurationError("no user message to send to Codex", provider=PROVIDER)
+    return system, "\n\n".join(f"{m.role.upper()}: {m.content}" for m in rest)
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the process group, SIGKILL it after a grace period; then clear any leftover member."""
+
+    def signal_group(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+    try:
+        if proc.returncode is None:
+            signal_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), KILL_GRACE)
+            except asyncio.TimeoutError:
+                signal_group(signal.SIGKILL)
+                await proc.wait()
+    finally:
+        signal_group(signal.SIGKILL)  # anything the agent started that is still in the group
+        if proc.returncode is None:  # interrupted while waiting: make sure it is gone
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+
+class CodexExec:
+    """Runs one `codex exec --json` per call and turns its events into a Completion."""
+
+    def __init__(self, model: str, opts: dict[str, Any]) -> None:
+        self.model = model
+        self.opts = opts
+        self.binary = find_binary(opts.get("binary"))
+        self.timeout = float(opts.get("timeout") or DEFAULT_TIMEOUT)
+
+    def __repr__(self) -> str:
+        return f"CodexExec({self.binary!r}, model={self.model!r})"
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, **(self.opts.get("env") or {})}
+        if self.opts.get("codex_home"):
+            env["CODEX_HOME"] = self.opts["codex_home"]
+        if self.opts.get("api_key") is not None:
+            env["CODEX_API_KEY"] = self.opts["api_key"].get()
+        return env
+
+    def secrets(self) -> list[str]:
+        vals = list((self.opts.get("env") or {}).values())
+        if self.opts.get("api_key") is not None:
+            vals.append(self.opts["api_key"].get())
+        return [v for v in vals if isinstance(v, str) and len(v) >= 4]
+
+    def argv(self, req: Request, instructions: str, schema_path: str | None) -> list[str]:
+        o = self.opts
+        args = [self.binary, "exec", "--json", "--skip-git-repo-check"]
+        if o.get("working_dir"):
+            args += ["-C", o["working_dir"]]
+        if self.model:
+            args += ["-m", self.model]
+        if o.get("sandbox"):
+            args += ["-s", o["sandbox"]]
+        config = dict(o.get("config") or {})
+        if instructions:
+            config["developer_instructions"] = instructions
+        for k, v in config.items():
+            args += ["-c", f"{k}={toml_value(v)}"]
+        if schema_path:
+            args += ["--output-schema", schema_path]
+        if o.get("thread_id"):
+            args += ["resume", o["thread_id"]]
+        return args + ["-"]  # the prompt comes on stdin
+
+    def check(self, req: Request) -> dict[str, Any] | None:
+        """Refuse what the CLI cannot do; return the JSON schema to enforce, if any."""
+        if req.tools:
+            raise errors.UnsupportedFeatureError(
+                "the Codex CLI uses its own tools; function tools cannot be passed", provider=PROVIDER,
+                model=self.model, hint="give Codex MCP servers with with_config({'mcp_servers.<name>.command': ...})",
+            )  # fmt: skip
+        rf = req.response_format
+        if not rf or rf.get("type") == "text":
+            return None
+        if rf.get("type") == "json_schema":
+            spec = rf.get("json_schema") or {}
+            return spec.get("schema", spec)
+        raise errors.UnsupportedFeatureError(
+            f"the Codex CLI cannot do response_format {rf.get('type')!r}", provider=PROVIDER, model=self.model,
+            hint="use {'type': 'json_schema', 'json_schema': {'schema': {...}}}",
+        )  # fmt: skip
+
+    def _scrub(self, text: str) -> str:
+        for s in self.secrets():
+            text = text.replace(s, "**********")
+        return text
+
+    async def run(self, req: Request) -> AsyncIterator[Item | Completion]:
+        """Item snapshots as the CLI reports them, then the Completion."""
+        schema = self.check(req)
+        instructions, prompt = render_prompt(req)
+        env = self.env()
+        home = env.get("CODEX_HOME") or os.path.expanduser("~/.codex")
+        tid = self.opts.get("thread_id")
+        before = thread_total(home, tid) if tid else {}
+        schema_path = None
+        if schema is not None:
+            fd, schema_path = tempfile.mkstemp(prefix="dsrs-codex-schema-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(schema, f)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv(req, instructions, schema_path), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+                start_new_session=True, limit=_LINE_LIMIT,
+            )  # fmt: skip
+        except OSError as e:
+            if schema_path:
+                os.unlink(schema_path)
+            raise errors.ConfigurationError(f"cannot start the Codex CLI: {e.strerror}", provider=PROVIDER,
+                                            model=self.model, hint=INSTALL_HINT) from None  # fmt: skip
+        stderr: deque[str] = deque(maxlen=40)
+
+        async def drain_stderr() -> None:
+            assert proc.stderr is not None
+            async for line in proc.stderr:
+                stderr.append(line.decode(errors="replace").rstrip())
+
+        stderr_task = asyncio.ensure_future(drain_stderr())
+        events: list[dict[str, Any]] = []
+        done: list[Item] = []  # completed items, in completion order
+        thread_id, total, failure, last_error = tid or "", None, None, None
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                proc.stdin.write(prompt.encode())
+                await asyncio.wait_for(proc.stdin.drain(), max(0.0, deadline - loop.time()))
+            proc.stdin.close()
+            while True:
+                line = await asyncio.wait_for(proc.stdout.readline(), max(0.0, deadline - loop.time()))
+                if not line:
+                    break
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue  # not an event (the CLI's JSON mode prints only events; be lenient)
+                if not isinstance(ev, dict):
+                    continue
+                events.append(ev)
+                kind = ev.get("type")
+                if kind == "thread.started":
+                    thread_id = ev.get("thread_id") or thread_id
+                elif kind in ("item.started", "item.updated", "item.completed") and isinstance(ev.get("item"), dict):
+                    item = parse_item(ev["item"])
+                    if kind == "item.completed":
+                        done.append(item)
+                    yield item
+                elif kind == "turn.completed":
+                    total = ev.get("usage") or {}
+                elif kind == "turn.failed":
+                    failure = (ev.get("error") or {}).get("message") or "turn failed"
+                elif kind == "error":
+                    last_error = ev.get("message")
+            rc = await asyncio.wait_for(proc.wait(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise errors.TimeoutError(
+                f"the Codex CLI did not finish within {self.timeout:g} s; its processes were stopped",
+                provider=PROVIDER, model=self.model, hint="raise with_timeout(...) or check the model server",
+            ) from None  # fmt: skip
+        finally:
+            await _stop(proc)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stderr_task, KILL_GRACE)
+            stderr_task.cancel()
+            if schema_path:
+                with contextlib.suppress(OSError):
+                    os.unlink(schema_path)
+        if failure is not None:
+            raise CodexTurnFailedError(self._scrub(failure), provider=PROVIDER, model=self.model, code="turn.failed")
+        if rc != 0 or total is None:
+            why = next((s for s in reversed(stderr) if s.startswith("Error")), None) or last_error or (
+                stderr[-1] if stderr else "no turn.completed event")  # fmt: skip
+            raise CodexError(self._scrub(f"the Codex CLI failed: {why}"), provider=PROVIDER, model=self.model,
+                             code=f"exit {rc}")  # fmt: skip
+        items = tuple(done)
+        replies = [i for i in items if isinstance(i, AgentMessage)]
+        yield Completion(
+            text=replies[-1].text if replies else "",
+            usage=turn_usage(total, before),
+            finish_reason="stop",
+            model=self.model,
+            provider=PROVIDER,
+            id=thread_id,
+            raw=CodexTurn(thread_id, items, {k: int(total.get(k) or 0) for k in _USAGE_KEYS}, events),
+            items=items,
+        )
+
+    async def complete(self, req: Request) -> Completion:
+        final = None
+        async for x in self.run(req):
+            if isinstance(x, Completion):
+                final = x
+        assert final is not None
+        return final
+
+    async def stream(self, req: Request) -> AsyncIterator[Any]:
+        """Agent messages as text deltas (or, for `aitems`, every item), then the Completion."""
+        items = bool(self.opts.get("item_stream"))
+        async for x in self.run(req):
+            if items or isinstance(x, Completion):
+                yield x
+            elif isinstance(x, AgentMessage):
+                yield x.text
