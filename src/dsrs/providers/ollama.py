@@ -21,7 +21,9 @@ _FINISH = {"stop": "stop", "length": "length"}
 
 
 def _message(m: Message, names: dict[str, str]) -> dict[str, Any]:
-    d: dict[str, Any] = {"role": m.role, "content": m.content}
+    d: dict[str, Any] = {"role": m.role}
+    if m.content or not m.tool_calls:  # as the official client: no empty content beside tool calls
+        d["content"] = m.content
     if m.tool_calls:
         d["tool_calls"] = [{"function": {"name": t.name, "arguments": t.arguments}} for t in m.tool_calls]
     if m.role == "tool":
