@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import keyword
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
@@ -228,15 +229,18 @@ def _eval_type(node: ast.expr) -> Any:
 
 
 def type_name(tp: Any) -> str:
+    """The type as the string form writes it (`list[int]`, `Optional[str]`, `Literal['a', 'b']`)."""
     if tp is None or tp is type(None):
         return "None"
     origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
     if origin is Literal:
-        return "Literal[" + ", ".join(repr(a) for a in typing.get_args(tp)) + "]"
+        return "Literal[" + ", ".join(repr(a) for a in args) + "]"
+    if origin in (Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 < len(args):
+            return f"Optional[{type_name(rest[0])}]"
+        return " | ".join(type_name(a) for a in args)
     if origin is not None:
-        args = ", ".join(type_name(a) for a in typing.get_args(tp))
-        name = "Optional" if origin is Union and type(None) in typing.get_args(tp) else getattr(origin, "__name__", str(origin))
-        if name == "Optional":
-            args = ", ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None))
-        return f"{name}[{args}]"
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
     return getattr(tp, "__name__", str(tp))

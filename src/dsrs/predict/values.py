@@ -55,14 +55,14 @@ def _number(text: str, tp: type) -> int | float:
 
 
 def _json(text: str, opener: str) -> Any:
+    """The first JSON array/object in the text (code fences and text around it are ignored)."""
     t = text.strip()
     if t.startswith("```"):
         t = re.sub(r"^```[a-zA-Z]*\s*|\s*```$", "", t)
-    closer = {"[": "]", "{": "}"}[opener]
-    a, b = t.find(opener), t.rfind(closer)
-    if a < 0 or b < a:
+    a = t.find(opener)
+    if a < 0:
         raise ValueError(f"expected JSON {'array' if opener == '[' else 'object'}, got {text.strip()[:60]!r}")
-    return json.loads(t[a : b + 1])
+    return json.JSONDecoder().raw_decode(t, a)[0]
 
 
 def parse(value: Any, tp: Any) -> Any:

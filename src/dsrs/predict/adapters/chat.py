@@ -11,7 +11,7 @@ from ..signature import Signature
 from .base import AdapterParseError, describe_fields, marked, marker, typed
 
 END = "end"
-_MARKER = re.compile(r"^[ \t]*\[\[[ \t]*(\w+)[ \t]*\]\][ \t]*$", re.MULTILINE)
+_MARKER = re.compile(r"\[\[[ \t]*(\w+)[ \t]*\]\]")
 
 
 class ChatAdapter:
@@ -26,18 +26,21 @@ class ChatAdapter:
         )
 
     def format(self, signature: Signature, inputs: Mapping[str, Any], demos: Sequence[Mapping[str, Any]] = ()) -> list[Message]:
+        outs = ", ".join(marker(f.name) for f in signature.outputs)
+        ask = f"\n\nReply with {outs}, then {marker(END)}."
         msgs = [Message.system(self.system(signature))]
         for d in demos:
-            msgs.append(Message.user(marked(signature.inputs, d)))
+            msgs.append(Message.user(marked(signature.inputs, d) + ask))
             msgs.append(Message.assistant(marked(signature.outputs, d) + f"\n\n{marker(END)}"))
-        outs = ", ".join(marker(f.name) for f in signature.outputs)
-        msgs.append(Message.user(f"{marked(signature.inputs, inputs)}\n\nReply with {outs}, then {marker(END)}."))
+        msgs.append(Message.user(marked(signature.inputs, inputs) + ask))
         return msgs
 
     def parse(self, signature: Signature, text: str) -> dict[str, Any]:
         sections: dict[str, str] = {}
         found = list(_MARKER.finditer(text))
         for i, m in enumerate(found):
+            if m.group(1) == END:
+                break
             end = found[i + 1].start() if i + 1 < len(found) else len(text)
             sections.setdefault(m.group(1), text[m.end() : end].strip())
         out = {}
