@@ -43,6 +43,8 @@ _LAZY = {
     "InputField": "dsrs.predict", "OutputField": "dsrs.predict", "Adapter": "dsrs.predict",
     "ChatAdapter": "dsrs.predict", "JSONAdapter": "dsrs.predict", "CompletionAdapter": "dsrs.predict",
     "AdapterParseError": "dsrs.predict", "usage": "dsrs.ledger",
+    "Budget": "dsrs.budget",
+    "LaneMux": "dsrs.lanes",
 }
 
 

@@ -1,0 +1,134 @@
+"""One lane of a LaneMux: a name, an LM, hints, and the lane's health (circuit, latency, rate-limit pause)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import budget as budgets
+from ..errors import ConfigurationError, DsrsError
+from ..types import Request
+from .circuit import CircuitBreaker
+
+# Hints a lane may carry (each overrides what the LM itself says).
+HINTS = ("cost_msats", "latency_s", "context_window", "tools", "json_schema", "streaming")
+EWMA_ALPHA = 0.3
+
+
+class Ewma:
+    """Exponentially weighted moving average of observed latency, in seconds."""
+
+    def __init__(self, alpha: float = EWMA_ALPHA) -> None:
+        self.alpha = alpha
+        self.value: float | None = None
+        self.samples = 0
+        self._lock = threading.Lock()
+
+    def add(self, x: float) -> None:
+        with self._lock:
+            self.value = x if self.value is None else self.alpha * x + (1 - self.alpha) * self.value
+            self.samples += 1
+
+
+@dataclass(eq=False)
+class Lane:
+    name: str
+    lm: Any
+    hints: dict[str, Any] = field(default_factory=dict)
+    budget: budgets.Budget | None = None
+    circuit: CircuitBreaker = field(default_factory=CircuitBreaker)
+    latency: Ewma = field(default_factory=Ewma)
+    paused_until: float = 0.0  # a rate limit with a long Retry-After: skip the lane until then
+    calls: int = 0
+    failures: int = 0
+
+    def __post_init__(self) -> None:
+        for k in self.hints:
+            if k not in HINTS:
+                raise ConfigurationError(f"unknown lane hint {k!r} for lane {self.name!r}", hint="known: " + ", ".join(HINTS))
+        if not callable(getattr(self.lm, "acall", None)) or not callable(getattr(self.lm, "astream", None)):
+            raise ConfigurationError(
+                f"lane {self.name!r}: {self.lm!r:.80} is not an LM", hint="pass an LM, CodexSdkLM, PylonLM or LaneMux"
+            )
+        # The mux owns retries (one budget for retries and fallbacks): the lane's LM is called with
+        # its own retries off, and its retry count says how often the mux may retry this lane.
+        policy = getattr(self.lm, "_retry", None)
+        self.max_retries: int = policy().max_retries if policy and not self.nested else 0
+        with_retries = getattr(self.lm, "with_retries", None)
+        self.call_lm = with_retries(0) if with_retries and not self.nested else self.lm
+
+    @property
+    def nested(self) -> bool:
+        from .mux import LaneMux
+
+        return isinstance(self.lm, LaneMux)
+
+    # -- what the lane can do ---------------------------------------------------------------
+    def can(self, what: str) -> bool:
+        if what in self.hints:
+            return bool(self.hints[what])
+        service = getattr(self.lm, "service", None)
+        return bool(getattr(service, what, True))
+
+    @property
+    def context_window(self) -> int | None:
+        return self.hints.get("context_window") or self.lm_options.get("num_ctx")
+
+    @property
+    def lm_options(self) -> dict[str, Any]:
+        return getattr(self.lm, "options", None) or {}
+
+    def lane_request(self, messages: Any, fields: dict[str, Any]) -> Request | None:
+        req = getattr(self.call_lm, "request", None)
+        return req(messages, **fields) if req and not self.nested else None
+
+    def misfit(self, req: Request, stream: bool) -> str | None:
+        """Why this lane cannot do `req` at all (capability filters)."""
+        if req.tools and not self.can("tools"):
+            return "does not support tools"
+        rf = req.response_format or {}
+        if rf.get("type") == "json_schema" and not self.can("json_schema"):
+            return "does not support structured (JSON-schema) output"
+        if stream and not self.can("streaming"):
+            return "does not stream"
+        ctx = self.context_window
+        if ctx:
+            need = typical_tokens(req) + (req.max_tokens or 0)
+            if need > ctx:
+                return f"needs about {need} tokens, context window is {ctx}"
+        return None
+
+    def unavailable(self, req: Request | None, now: float) -> str | None:
+        """Why this lane cannot take a request right now (key, circuit, rate limit, budget)."""
+        if not self.nested and hasattr(self.call_lm, "_make_backend"):
+            try:
+                self.call_lm.backend  # noqa: B018 - builds the backend: a missing key shows here
+            except DsrsError as e:
+                return f"unavailable: {e.message}" + (f" ({e.hint})" if e.hint else "")
+        state = self.circuit.state
+        if state == "open":
+            return f"circuit open (probe in {self.circuit.retry_in():.1f}s)"
+        if now < self.paused_until:
+            return f"rate limited for {self.paused_until - now:.1f}s more"
+        if req is not None:
+            with budgets.scope(self.budgets_here):
+                why = budgets.refusal(self.call_lm, req)
+            if why:
+                return f"budget: {why}"
+        return None
+
+    @property
+    def budgets_here(self) -> tuple[budgets.Budget, ...]:
+        return (self.budget,) if self.budget is not None else ()
+
+    def pause(self, seconds: float, clock: Any = time.monotonic) -> None:
+        self.paused_until = max(self.paused_until, clock() + seconds)
+
+
+def typical_tokens(req: Request) -> int:
+    """A typical (not worst-case) prompt size: ~4 UTF-8 bytes per token, for context-window fits."""
+    size = sum(len(m.content.encode("utf-8")) for m in req.messages)
+    return math.ceil(size / 4) + 4 * len(req.messages)

@@ -1,0 +1,362 @@
+"""LaneMux: named lanes, each an LM, chosen by availability and a policy, with fallback. Itself an LM.
+
+Routing one request:
+
+1. **Filter**: lanes that cannot do the request (tools, JSON-schema output, streaming, context
+   window) and lanes unavailable now (no key, circuit open, paused by a long Retry-After, a budget
+   that cannot cover the worst case) are skipped, with the reason in the route decision.
+2. **Rank** the rest by the policy (`priority`, `cheapest`, `fastest`, or a function).
+3. **Try** them in order. The mux owns retries: a lane's LM is called with its own retries off,
+   and its retry count (`LM.with_retries(n)`, default 2) is how often the mux retries that lane
+   before falling back. One budget covers every retry and fallback: `mux.with_retries(n)` allows
+   `n` attempts after the first in total (default: the number of lanes + 1); a lane is retried
+   only while the budget still leaves one attempt for every lane queued after it. Backoff delays and
+   sleeping come from the mux's retry policy (`mux.with_options(retry_policy=...)`).
+   - transport errors, timeouts, malformed answers, 5xx: retried on the lane, then fall back;
+   - `RateLimitError`: a Retry-After up to `rate_limit_wait` seconds (default 5) is waited out
+     on the same lane; a longer one pauses the lane for that long and the request moves on;
+   - `QuotaExceededError`, auth errors, missing keys, budget refusals: fall back at once;
+   - `BadRequestError` and other non-fallback errors are raised: another lane would refuse too;
+   - `ContextWindowExceededError` falls back only to lanes declaring a larger `context_window`;
+   - streams fall back only before their first chunk; after it, errors propagate.
+4. Every completion carries `completion.route`, a `RouteDecision`; every error raised by the mux
+   carries `error.route` too.
+
+Explicit selection (`mux.with_lane("premium")`) pins the request to that lane (its retries apply,
+no fallback). Lanes nest: a lane may itself be a LaneMux (it keeps its own retry budget).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from .. import budget as budgets
+from ..cache import cache_key
+from ..errors import (
+    BudgetExceededError,
+    ConfigurationError,
+    ContextWindowExceededError,
+    DsrsError,
+    RateLimitError,
+    ResponseFormatError,
+    UnsupportedFeatureError,
+)
+from ..lm import _REQUEST_FIELDS, BaseLM, Input
+from ..types import Completion, Request, StreamEnd
+from . import policy as policies
+from .circuit import CircuitBreaker
+from .lane import Lane, typical_tokens
+from .route import Attempt, Candidate, NoLaneAvailableError, RouteDecision
+
+DEFAULT_RATE_LIMIT_WAIT = 5.0  # seconds: a shorter Retry-After is waited out on the same lane
+_NOT_FOR_MUX = ("base_url", "api_key", "headers", "api_version")
+
+
+def _fields(req: Request) -> dict[str, Any]:
+    """The request fields the caller set, to pass to a lane (its own options fill the rest)."""
+    out = {}
+    for f in _REQUEST_FIELDS:
+        v = getattr(req, f)
+        if v is not None and v != () and v != {}:
+            out[f] = v
+    return out
+
+
+class LaneMux(BaseLM):
+    """`LaneMux().add_lane("premium", lm).add_lane("local", other)`: an LM over named lanes."""
+
+    provider = "lanemux"
+    model = ""
+
+    def __init__(self, **opts: Any) -> None:
+        self._lanes: tuple[Lane, ...] = ()
+        super().__init__(**opts)
+
+    # -- builders ---------------------------------------------------------------------------
+    def _extra_options(self) -> tuple[str, ...]:
+        return ("policy", "lane", "rate_limit_wait")
+
+    def _set(self, opts: dict[str, Any]) -> None:
+        for k, v in opts.items():
+            if k in _NOT_FOR_MUX:
+                raise ConfigurationError(
+                    f"{k!r} belongs to a lane's LM, not to the LaneMux", hint="set it on the LM you pass to add_lane"
+                )
+            if k == "policy":
+                policies.resolve(v)
+            if k == "lane" and v is not None and v not in self.names:
+                raise ConfigurationError(f"no lane named {v!r}", hint="lanes: " + (", ".join(self.names) or "none"))
+            if k == "budget" and v is not None and not isinstance(v, budgets.Budget):
+                raise ConfigurationError(f"a budget must be a dsrs.Budget, got {v!r:.60}")
+        super()._set(opts)
+
+    def add_lane(
+        self,
+        name: str,
+        lm: Any,
+        *,
+        budget: budgets.Budget | None = None,
+        circuit: CircuitBreaker | None = None,
+        **hints: Any,
+    ) -> LaneMux:
+        """A new mux with one more lane. Hints: cost_msats, latency_s, context_window, tools, json_schema, streaming."""
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"a lane name must be a non-empty string, got {name!r}")
+        if name in self.names:
+            raise ConfigurationError(f"there is already a lane named {name!r}")
+        if lm is self:
+            raise ConfigurationError("a LaneMux cannot be its own lane")
+        lane = Lane(name, lm, dict(hints), budget, circuit or CircuitBreaker())
+        new: LaneMux = self._with()
+        new._lanes = self._lanes + (lane,)
+        return new
+
+    def with_lane(self, name: str | None) -> LaneMux:
+        """Pin calls to one lane (None: automatic selection again)."""
+        return self._with(lane=name)
+
+    def with_policy(self, policy: str | policies.Score) -> LaneMux:
+        return self._with(policy=policy)
+
+    def with_rate_limit_wait(self, seconds: float) -> LaneMux:
+        return self._with(rate_limit_wait=float(seconds))
+
+    @property
+    def lanes(self) -> tuple[Lane, ...]:
+        return self._lanes
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(lane.name for lane in self._lanes)
+
+    def lane(self, name: str) -> Lane:
+        for lane in self._lanes:
+            if lane.name == name:
+                return lane
+        raise ConfigurationError(f"no lane named {name!r}", hint="lanes: " + (", ".join(self.names) or "none"))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{lane.name}={lane.lm!r}" for lane in self._lanes)
+        pinned = self._opts.get("lane")
+        return f"LaneMux({inner}{', lane=' + repr(pinned) if pinned else ''}, policy={self._policy_name()!r})"
+
+    def _make_backend(self) -> Any:
+        raise ConfigurationError("a LaneMux has no backend of its own; its lanes do")
+
+    @classmethod
+    async def auto_detect(cls, **kw: Any) -> LaneMux:
+        """Lanes built from what this machine can reach (see dsrs.lanes.detect)."""
+        from .detect import auto_detect
+
+        return await auto_detect(**kw)
+
+    # -- routing ----------------------------------------------------------------------------
+    def _policy_name(self) -> str:
+        return policies.resolve(self._opts.get("policy") or "priority")[0]
+
+    def _budgets(self) -> tuple[budgets.Budget, ...]:
+        b = self._opts.get("budget")
+        return (b,) if b is not None else ()
+
+    def _plan(self, req: Request, fields: dict[str, Any], d: RouteDecision, stream: bool) -> list[Lane]:
+        if not self._lanes:
+            raise ConfigurationError("this LaneMux has no lanes", hint="add_lane(name, lm) or await LaneMux.auto_detect()")
+        pinned = self._opts.get("lane")
+        extra = self._budgets()
+        ok = []
+        for i, lane in enumerate(self._lanes):
+            if pinned is not None and lane.name != pinned:
+                continue
+            d.candidates.append(Candidate(lane.name))
+            lreq = lane.lane_request(list(req.messages), fields)
+            why = lane.misfit(lreq or req, stream)
+            if why is None:
+                with budgets.scope(extra):
+                    why = lane.unavailable(lreq, lane.circuit.clock())
+            if why:
+                d.candidates[-1].skipped = why
+            else:
+                ok.append((i, lane, lreq or req))
+        ranked = policies.rank(ok, self._opts.get("policy") or "priority")
+        by_name = {c.lane: c for c in d.candidates}
+        for score, _, lane in ranked:
+            by_name[lane.name].score = score
+        return [lane for _, _, lane in ranked]
+
+    def _verdict(self, lane: Lane, e: DsrsError, n: int, left: int, queue: list[Lane], req: Request) -> tuple[str, float]:
+        """What to do after lane `lane` failed with `e` on its attempt number `n` (0-based)."""
+        pol = self._retry()
+        spare = left > len(queue)  # retry this lane only with budget to spare for every lane still queued
+        if isinstance(e, (BudgetExceededError, UnsupportedFeatureError)):
+            lane.circuit.neutral()
+            action, wait = "fallback", 0.0
+        elif isinstance(e, ContextWindowExceededError):
+            lane.circuit.neutral()
+            need = typical_tokens(req) + (req.max_tokens or 0)
+            have = lane.context_window or 0
+            queue[:] = [q for q in queue if (q.context_window or 0) > max(have, need)]
+            action, wait = "fallback", 0.0
+        elif not e.fallback:
+            lane.circuit.neutral()
+            return "raise", 0.0
+        elif isinstance(e, RateLimitError):
+            lane.circuit.neutral()  # the lane works, it is busy: paused below instead of counted
+            ra = e.retry_after
+            wait_max = self._opts.get("rate_limit_wait")
+            wait_max = DEFAULT_RATE_LIMIT_WAIT if wait_max is None else wait_max
+            if ra is not None and ra <= wait_max and n < lane.max_retries and spare:
+                action, wait = "wait", ra
+            elif ra is None and not queue and n < lane.max_retries and spare:
+                action, wait = "retry", pol.delay(n, None)
+            else:
+                if ra is not None:
+                    lane.pause(ra, lane.circuit.clock)
+                action, wait = "fallback", 0.0
+        else:
+            lane.circuit.failure()
+            decision = getattr(e, "should_retry", None)
+            retry = e.retryable if decision is None else decision
+            if retry and n < lane.max_retries and spare:
+                action, wait = "retry", pol.delay(n, getattr(e, "retry_after", None))
+            else:
+                action, wait = "fallback", 0.0
+        if left <= 0 or (action == "fallback" and not queue):
+            return "raise", 0.0
+        return action, wait
+
+    async def _route(self, req: Request, stream: bool) -> tuple[Lane, Any, RouteDecision]:
+        d = RouteDecision(self._policy_name(), self._opts.get("lane"))
+        fields = _fields(req)
+        queue = self._plan(req, fields, d, stream)
+        if not queue:
+            raise self._none_available(d)
+        extra = self._budgets()
+        retries = self._opts.get("retries")
+        left = len(self._lanes) + 1 if retries is None else retries  # attempts allowed after the first
+        sleep = self._retry().sleep
+        messages = list(req.messages)
+        last: DsrsError | None = None
+        while queue:
+            lane = queue.pop(0)
+            if not lane.circuit.allow():
+                d.skip(lane.name, f"circuit {lane.circuit.state}: not taking calls now")
+                continue
+            n = 0
+            while True:
+                started = time.perf_counter()
+                lane.calls += 1
+                try:
+                    with budgets.scope(extra + lane.budgets_here):
+                        if stream:
+                            agen = lane.call_lm.astream(messages, **fields)
+                            try:
+                                first = await agen.__anext__()
+                            except StopAsyncIteration:
+                                raise ResponseFormatError("the lane's stream ended without a completion") from None
+                            except BaseException:
+                                await agen.aclose()
+                                raise
+                            result: Any = (agen, first)
+                        else:
+                            result = await lane.call_lm.acall(messages, **fields)
+                except asyncio.CancelledError:
+                    lane.circuit.neutral()
+                    raise
+                except DsrsError as e:
+                    lane.failures += 1
+                    last = e
+                    action, wait = self._verdict(lane, e, n, left, queue, req)
+                    d.attempts.append(Attempt(lane.name, action, f"{type(e).__name__}: {e}", wait, getattr(e, "route", None)))
+                    if action == "raise":
+                        e.route = d  # type: ignore[attr-defined]
+                        raise
+                    left -= 1
+                    if action == "fallback":
+                        break
+                    await sleep(wait)
+                    n += 1
+                    continue
+                d.lane = lane.name
+                if stream:
+                    d.attempts.append(Attempt(lane.name, "ok"))
+                else:
+                    lane.circuit.success()
+                    lane.latency.add(time.perf_counter() - started)
+                    d.attempts.append(Attempt(lane.name, "ok", route=getattr(result, "route", None)))
+                return lane, result, d
+        if last is None:
+            raise self._none_available(d)
+        last.route = d  # type: ignore[attr-defined]
+        raise last
+
+    def _none_available(self, d: RouteDecision) -> DsrsError:
+        why = d.skipped
+        text = "; ".join(f"{k}: {v}" for k, v in why.items())
+        err: DsrsError
+        if why and all(v.startswith("budget:") for v in why.values()):
+            err = BudgetExceededError(f"no lane's budget covers this request ({text})", code="budget_exceeded",
+                                      hint="raise a budget, lower max_tokens, or add a cheaper lane")  # fmt: skip
+        else:
+            err = NoLaneAvailableError(f"no lane can take this request ({text})", provider=self.provider,
+                                       hint="add a lane, set the missing keys, or wait for circuits to close")  # fmt: skip
+        err.route = d  # type: ignore[attr-defined]
+        return err
+
+    def _cache_key(self, req: Request) -> str:
+        lanes = ",".join(f"{lane.name}={getattr(lane.lm, 'provider', '')}/{getattr(lane.lm, 'model', '')}" for lane in self._lanes)
+        return cache_key(f"lanemux[{lanes}]", req)
+
+    # -- calls ------------------------------------------------------------------------------
+    async def acomplete(self, req: Request) -> Completion:
+        cache = self._cache()
+        key = None
+        if cache is not None:
+            key = self._cache_key(req)
+            hit = cache.get(key)
+            if hit is not None:
+                return replace(hit, route=RouteDecision(self._policy_name(), self._opts.get("lane"), cached=True))
+        _, c, d = await self._route(req, stream=False)
+        c = replace(c, route=d)
+        if key is not None:
+            cache.put(key, c)  # type: ignore[union-attr]
+        return c
+
+    async def astream(self, prompt: Input, **overrides: Any) -> AsyncIterator[str | StreamEnd]:
+        """Deltas from the first lane that starts streaming; falls back only before the first chunk."""
+        req = self.request(prompt, **overrides)
+        lane, (agen, item), d = await self._route(req, stream=True)
+        started = time.perf_counter()
+        ended = False
+        try:
+            while True:
+                if isinstance(item, StreamEnd):
+                    ended = True
+                    lane.circuit.success()
+                    lane.latency.add(time.perf_counter() - started)
+                    yield StreamEnd(replace(item.completion, route=d))
+                    return
+                yield item
+                try:
+                    item = await agen.__anext__()
+                except StopAsyncIteration:
+                    ended = True
+                    lane.circuit.failure()
+                    raise ResponseFormatError("the lane's stream ended without its final usage") from None
+                except DsrsError as e:
+                    ended = True
+                    if e.fallback:
+                        lane.circuit.failure()
+                    d.attempts.append(Attempt(lane.name, "raise", f"{type(e).__name__}: {e} (after the first chunk)"))
+                    e.route = d  # type: ignore[attr-defined]
+                    raise
+        finally:
+            if not ended:
+                lane.circuit.neutral()
+            await agen.aclose()
+
+
+__all__ = ["LaneMux"]
