@@ -16,6 +16,9 @@ _BASE_NAME = re.compile(r"(^|[-_/.])(base|pt)([-_/.]|$)", re.IGNORECASE)
 def is_base_model(lm: Any) -> bool:
     """Base (pretrained, not chat-tuned) models: the embedded engine, an LM flagged `base_model`,
     or a model name marked base/pt (`gemma-3-270m-pt`, `llama-3-8b-base`)."""
+    pinned = (getattr(lm, "options", None) or {}).get("lane") if callable(getattr(lm, "lane", None)) else None
+    if isinstance(pinned, str):  # a LaneMux pinned to one lane: judge that lane's LM
+        lm = lm.lane(pinned).lm
     if getattr(lm, "provider", "") == "embedded" or getattr(lm, "base_model", False):
         return True
     return bool(_BASE_NAME.search(str(getattr(lm, "model", "") or "")))
