@@ -194,7 +194,7 @@ RESPONSES = Wire(
     tool_id="call_1",
     tools_key="tools",
     tools_value=[{"type": "function", "name": "get_weather", "description": WEATHER.description,
-                  "parameters": WEATHER.parameters}],  # fmt: skip
+                  "parameters": WEATHER.parameters, "strict": False}],  # fmt: skip
     roundtrip=("input", [
         {"role": "user", "content": "Weather in Paris?"},
         {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": ARGS_JSON},
@@ -754,26 +754,60 @@ async def test_responses_incomplete_and_bare_codex_name(scripted: Any) -> None:
         await lm.with_retries(0).acall(QUESTION)
 
 
-async def test_anthropic_tool_results_share_one_user_turn_and_version_header_can_change(scripted: Any) -> None:
-    scripted.script(ANTHROPIC.final)
-    calls = (ANTHROPIC_CALL("toolu_a"), ANTHROPIC_CALL("toolu_b"))
-    lm = make(ANTHROPIC, scripted, api_version="2099-01-01")
-    await lm.acall([Message.user("Two cities?"), Message.assistant("", calls), Message.tool("toolu_a", "1"),
-                    Message.tool("toolu_b", "2")])  # fmt: skip
-    seen = scripted.requests[0]
-    assert seen.headers["anthropic-version"] == "2099-01-01"
-    assert seen.json["messages"][1:] == [
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_a", "name": "get_weather", "input": {}},
-                                          {"type": "tool_use", "id": "toolu_b", "name": "get_weather", "input": {}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_a", "content": "1"},
-                                     {"type": "tool_result", "tool_use_id": "toolu_b", "content": "2"}]}]  # fmt: skip
-    assert seen.json["max_tokens"] == 4096  # required by the protocol: defaulted
+def _two(fn: Any) -> list[Any]:
+    return [fn("c_a", "Paris"), fn("c_b", "Rome")]
 
 
-def ANTHROPIC_CALL(i: str) -> Any:  # noqa: N802
+PARALLEL_TAIL = {  # how each protocol carries two parallel calls and their two results
+    "openai_chat": [
+        {"role": "assistant", "content": None, "tool_calls": _two(lambda i, c: {
+            "id": i, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": c})}})},
+        {"role": "tool", "content": "1", "tool_call_id": "c_a"}, {"role": "tool", "content": "2", "tool_call_id": "c_b"}],
+    "responses": _two(lambda i, c: {"type": "function_call", "call_id": i, "name": "get_weather",
+                                    "arguments": json.dumps({"city": c})})
+    + [{"type": "function_call_output", "call_id": "c_a", "output": "1"},
+       {"type": "function_call_output", "call_id": "c_b", "output": "2"}],
+    "anthropic": [
+        {"role": "assistant", "content": _two(lambda i, c: {"type": "tool_use", "id": i, "name": "get_weather",
+                                                            "input": {"city": c}})},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c_a", "content": "1"},
+                                     {"type": "tool_result", "tool_use_id": "c_b", "content": "2"}]}],
+    "gemini": [
+        {"role": "model", "parts": _two(lambda i, c: {"functionCall": {"name": "get_weather", "args": {"city": c},
+                                                                       "id": i}})},
+        {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"result": 1}, "id": "c_a"}},
+                                   {"functionResponse": {"name": "get_weather", "response": {"result": 2}, "id": "c_b"}}]}],
+    "ollama": [
+        {"role": "assistant", "tool_calls": _two(lambda i, c: {"function": {"name": "get_weather",
+                                                                            "arguments": {"city": c}}})},
+        {"role": "tool", "content": "1", "tool_name": "get_weather"},
+        {"role": "tool", "content": "2", "tool_name": "get_weather"}],
+    "cohere": [
+        {"role": "assistant", "tool_calls": _two(lambda i, c: {
+            "id": i, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": c})}})},
+        {"role": "tool", "content": "1", "tool_call_id": "c_a"}, {"role": "tool", "content": "2", "tool_call_id": "c_b"}],
+}  # fmt: skip
+
+
+@by_id
+async def test_parallel_tool_results(w: Wire, scripted: Any) -> None:
     from dsrs import ToolCall
 
-    return ToolCall(i, "get_weather", {})
+    scripted.script(w.final)
+    calls = tuple(_two(lambda i, c: ToolCall(i, "get_weather", {"city": c})))
+    c = await make(w, scripted).acall([Message.user("Two cities?"), Message.assistant("", calls),
+                                       Message.tool("c_a", "1"), Message.tool("c_b", "2")])  # fmt: skip
+    assert c.text == "18 C in Paris"
+    key = w.roundtrip[0]
+    assert scripted.requests[0].json[key][1:] == PARALLEL_TAIL[w.id]
+
+
+async def test_anthropic_version_header_can_change_and_max_tokens_defaults(scripted: Any) -> None:
+    scripted.script(ANTHROPIC.final)
+    await make(ANTHROPIC, scripted, api_version="2099-01-01").acall(QUESTION)
+    seen = scripted.requests[0]
+    assert seen.headers["anthropic-version"] == "2099-01-01"
+    assert seen.json["max_tokens"] == 4096  # required by the protocol: defaulted
 
 
 async def test_gemini_ids_given_by_gemini_are_sent_back_and_stop_seed_go_to_generation_config(scripted: Any) -> None:

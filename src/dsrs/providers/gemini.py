@@ -50,15 +50,16 @@ def _parts(m: Message, names: dict[str, str]) -> list[dict[str, Any]]:
 def _contents(req: Request) -> list[dict[str, Any]]:
     names = convert.tool_names(req.messages)
     out: list[dict[str, Any]] = []
+    prev = None
     for m in req.messages:
         if m.role == "system":
             continue
-        role = "model" if m.role == "assistant" else "user"
         parts = _parts(m, names)
-        if out and out[-1]["role"] == role and m.role == "tool":  # parallel results share one turn
+        if m.role == "tool" and prev == "tool":  # results of parallel calls share one turn
             out[-1]["parts"] += parts
         else:
-            out.append({"role": role, "parts": parts})
+            out.append({"role": "model" if m.role == "assistant" else "user", "parts": parts})
+        prev = m.role
     return out
 
 

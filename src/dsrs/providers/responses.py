@@ -52,8 +52,9 @@ def encode(req: Request, stream: bool, provider: str) -> dict[str, Any]:
     if req.top_p is not None:
         body["top_p"] = req.top_p
     if req.tools:
+        # `strict` defaults to true here (unlike Chat Completions), which rejects most plain JSON Schemas
         body["tools"] = [{"type": "function", "name": t.name, "description": t.description,
-                          "parameters": t.parameters} for t in req.tools]  # fmt: skip
+                          "parameters": t.parameters, "strict": False} for t in req.tools]  # fmt: skip
     choice = convert.tool_choice(req.tool_choice)
     if choice is not None:
         mode, name = choice
