@@ -320,13 +320,35 @@ _NO_HOLD = Hold([])
 _UNKNOWN_OUTCOME = (TimeoutError, ResponseFormatError, asyncio.CancelledError, GeneratorExit)
 
 
-@contextlib.asynccontextmanager
-async def guard(lm: Any, req: Request) -> AsyncIterator[Hold]:
-    """Reserve against every budget that applies to `lm` for `req`; yields an object with `settle(usage)`."""
+class _NoGuard:
+    """`guard` when no budget applies: nothing to reserve or undo (the common case, kept cheap:
+    a generator-based context manager costs several µs per call on the hot path)."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> Hold:
+        return _NO_HOLD
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_GUARD = _NoGuard()
+
+
+def guard(lm: Any, req: Request) -> contextlib.AbstractAsyncContextManager[Hold]:
+    """Reserve against every budget that applies to `lm` for `req`; yields an object with `settle(usage)`.
+
+    Use as `async with guard(lm, req) as hold:`.
+    """
     budgets = applicable(lm)
     if not budgets:
-        yield _NO_HOLD
-        return
+        return _NO_GUARD
+    return _guard(lm, req, budgets)
+
+
+@contextlib.asynccontextmanager
+async def _guard(lm: Any, req: Request, budgets: tuple[Budget, ...]) -> AsyncIterator[Hold]:
     wc = worst_case(lm.provider, lm.model, req)
     held: list[Reservation] = []
     try:
