@@ -87,11 +87,11 @@ class Ledger:
         return self._db
 
     def record(self, completion: Any, *, lane: str | None = None, program: str | None = None,
-               latency_s: float | None = None) -> None:  # fmt: skip
-        """One call, from its `Completion`. Errors are logged, never raised."""
+               latency_s: float | None = None, at: float | None = None) -> None:  # fmt: skip
+        """One call, from its `Completion` (`at`: unix time, default now). Errors are logged, never raised."""
         u = completion.usage
         src = getattr(u.cost_source, "value", u.cost_source)
-        row = (time.time(), lane, completion.provider or "", completion.model or "", u.prompt_tokens,
+        row = (time.time() if at is None else at, lane, completion.provider or "", completion.model or "", u.prompt_tokens,
                u.completion_tokens, u.total_tokens, u.cost_msats, src, int(u.cache_hit), int(u.estimated),
                completion.latency_s if completion.latency_s is not None else latency_s, program)  # fmt: skip
         try:
