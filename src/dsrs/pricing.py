@@ -16,6 +16,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from .settings import current
 from .types import CostSource, LmUsage
 
 DEFAULT_MSATS_PER_USD = 1_000_000  # 1 USD = 1,000 sats, i.e. BTC at 100,000 USD; set DSRS_MSATS_PER_USD
@@ -29,8 +30,6 @@ def table() -> dict[str, Any]:
 
 
 def msats_per_usd() -> int:
-    from .settings import current
-
     v = current().msats_per_usd
     if v is not None:
         return v
@@ -38,6 +37,7 @@ def msats_per_usd() -> int:
     return int(env) if env else DEFAULT_MSATS_PER_USD
 
 
+@lru_cache(maxsize=1024)  # the table is fixed: look each (provider, model) up once, not on every call
 def price(provider: str, model: str) -> tuple[Decimal, Decimal, Decimal] | None:
     """(input, output, cached input) USD per million tokens, or None when unknown."""
     t = table()
@@ -70,6 +70,8 @@ def apply(usage: LmUsage, provider: str, model: str) -> LmUsage:
         return usage
     p = price(provider, model)
     if p is None:
+        if usage.cost_msats is None and usage.cost_source is None:
+            return usage  # already says "unknown": skip the copy
         return replace(usage, cost_msats=None, cost_source=None)
     if p == (0, 0, 0):
         return replace(usage, cost_msats=0, cost_source=CostSource.FREE)
