@@ -752,6 +752,12 @@ async def test_responses_incomplete_and_bare_codex_name(scripted: Any) -> None:
                                 "error": {"code": "server_error", "message": "boom"}}))
     with pytest.raises(errors.ProviderUnavailableError):
         await lm.with_retries(0).acall(QUESTION)
+    scripted.script(Reply(json={**_response([], None, "failed"),  # type: ignore[arg-type]
+                                "error": {"code": "invalid_prompt", "message": "flagged"}}))
+    with pytest.raises(errors.BadRequestError) as ei:
+        await lm.acall(QUESTION)
+    assert ei.value.code == "invalid_prompt" and not ei.value.retryable
+    assert len(scripted.requests) == 1
 
 
 def _two(fn: Any) -> list[Any]:
@@ -823,6 +829,14 @@ async def test_gemini_ids_given_by_gemini_are_sent_back_and_stop_seed_go_to_gene
         {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"result": "sunny"},
                                                          "id": "fc-9"}}]}]  # fmt: skip
     assert sent["generationConfig"] == {"seed": 3, "stopSequences": ["END"]}
+
+
+async def test_gemini_error_status_inside_a_stream_keeps_its_class(scripted: Any) -> None:
+    scripted.script(Reply(sse=[_gm_status(400, "INVALID_ARGUMENT", "Invalid value at 'generation_config'")]))
+    with pytest.raises(errors.BadRequestError) as ei:
+        async for _ in make(GEMINI, scripted).astream(QUESTION):
+            pass
+    assert ei.value.code == "400"  # Google puts the HTTP status in `code`; the class comes from `status`
 
 
 async def test_gemini_max_tokens_finish(scripted: Any) -> None:

@@ -179,6 +179,13 @@ _BY_CODE: dict[str, type[APIError]] = {
     "not_found_error": NotFoundError,
     "model_not_found": NotFoundError,
     "RESOURCE_EXHAUSTED": RateLimitError,  # Gemini
+    # Google RPC statuses: the class also when the error comes inside a 200 stream
+    "INVALID_ARGUMENT": BadRequestError,
+    "FAILED_PRECONDITION": BadRequestError,  # e.g. Gemini free tier not available in the region
+    "UNAUTHENTICATED": AuthenticationError,
+    "PERMISSION_DENIED": PermissionDeniedError,
+    "NOT_FOUND": NotFoundError,
+    "invalid_prompt": BadRequestError,  # OpenAI Responses `response.failed`
 }
 
 
