@@ -1,0 +1,24 @@
+"""The dsrs gateway: an OpenAI-compatible server (Chat Completions, Responses, models) over dsrs lanes.
+
+`dsrs serve --config dsrs.toml` runs it; `config` holds the TOML schema, `openai_wire` the
+protocol translation, `runtime` what a config builds, `app` the HTTP handlers, `metrics` the
+Prometheus counters. Shared state across gateway processes is `dsrs.redis_state`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .__main__ import main as run
+
+    return run(argv)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("make_app", "serve", "start"):
+        from . import app
+
+        return getattr(app, name)
+    raise AttributeError(name)

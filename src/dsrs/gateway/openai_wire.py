@@ -1,0 +1,506 @@
+"""The OpenAI wire, server side: Chat Completions and Responses requests in, completions out.
+
+The client side of the same protocols lives in `providers.openai_chat` and `providers.responses`;
+this module reuses their normal forms (`convert.tool_call`, `Message.coerce`) and speaks the
+other direction: a request body becomes a `Call` (messages + the options `BaseLM.acall` takes),
+a `Completion` (or a stream of deltas and a `StreamEnd`) becomes OpenAI-shaped JSON and SSE.
+
+Parameters that do not change the answer (`user`, `metadata`, `store`, Codex's `reasoning`,
+`include`, `prompt_cache_key`...) are accepted and ignored; answer-changing parameters dsrs cannot
+honour (`n > 1`, penalties, logprobs, images, `previous_response_id`) are a 400, never dropped
+silently. Hosted and custom tools (web_search, Codex's apply_patch grammar) are not offered to
+lanes: lanes get the function tools.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import errors
+from ..providers import convert
+from ..types import Completion, LmUsage, Message, Tool, ToolCall
+
+
+class WireError(Exception):
+    """A request the gateway refuses, as an OpenAI error: status, type, code, param."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> WireError:
+    return WireError(400, message, code=code, param=param)
+
+
+@dataclass
+class Call:
+    """One incoming request in dsrs terms."""
+
+    model: str  # the name the client asked for (a configured model or lane)
+    messages: tuple[Message, ...]
+    options: dict[str, Any] = field(default_factory=dict)  # BaseLM.acall overrides
+    stream: bool = False
+    include_usage: bool = False  # chat streams: the usage chunk was asked for
+
+
+# Accepted and ignored: they do not change the answer.
+_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options", "prompt_cache_key",
+            "safety_identifier", "reasoning", "reasoning_effort", "include", "client_metadata", "truncation",
+            "background", "prompt_cache_retention", "modalities", "verbosity"}  # fmt: skip
+# Accepted when they ask for the default.
+_DEFAULTS = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": 0,
+             "logit_bias": {}, "previous_response_id": None, "conversation": None, "prompt": None}  # fmt: skip
+
+
+def _check_rest(body: dict[str, Any], known: set[str]) -> None:
+    for k, v in body.items():
+        if k in known or k in _IGNORED or v is None:
+            continue
+        if k in _DEFAULTS and v == _DEFAULTS[k]:
+            continue
+        if k in _DEFAULTS:
+            raise bad(f"{k}={json.dumps(v)[:40]} is not supported by this gateway", k, "unsupported_parameter")
+        raise bad(f"unrecognized request argument: {k}", k, "unknown_parameter")
+
+
+def _model(body: Any) -> str:
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", None, "invalid_json")
+    m = body.get("model")
+    if not isinstance(m, str) or not m:
+        raise bad("you must provide a model parameter", "model", "missing_required_parameter")
+    return m
+
+
+def _number(body: dict[str, Any], name: str, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+        raise bad(f"{name} must be {'an integer' if kind is int else 'a number'}", name)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise bad(f"{name}={v} is out of range [{lo}, {hi if hi is not None else 'inf'}]", name)
+    return v
+
+
+def _sampling(body: dict[str, Any], max_name: str) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    mt = _number(body, max_name, int, 1)
+    if mt is not None:
+        o["max_tokens"] = mt
+    for name, lo, hi in (("temperature", 0, 2), ("top_p", 0, 1)):
+        v = _number(body, name, float, lo, hi)
+        if v is not None:
+            o[name] = v
+    return o
+
+
+def _text(content: Any, where: str) -> str:
+    """Text of a content field: a string or a list of text parts; anything else is a 400."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for p in content:
+            if isinstance(p, str):
+                out.append(p)
+                continue
+            kind = p.get("type") if isinstance(p, dict) else None
+            if kind in ("text", "input_text", "output_text"):
+                out.append(str(p.get("text") or ""))
+            elif kind == "refusal":
+                out.append(str(p.get("refusal") or ""))
+            else:
+                raise bad(f"{where}: content part type {kind!r} is not supported (text only)", where, "unsupported_content")
+        return "".join(out)
+    raise bad(f"{where}: content must be a string or a list of text parts", where)
+
+
+def _tool_choice_from_responses(tc: Any) -> Any:
+    if isinstance(tc, dict) and tc.get("type") == "function" and tc.get("name"):
+        return {"type": "function", "function": {"name": tc["name"]}}
+    return tc
+
+
+def _check_choice(tc: Any, param: str) -> None:
+    try:
+        convert.tool_choice(tc)
+    except errors.ConfigurationError as e:
+        raise bad(e.message, param) from None
+
+
+def _check_format(rf: Any, param: str) -> None:
+    if not isinstance(rf, dict):
+        raise bad(f"{param} must be an object", param)
+    try:
+        convert.output(rf)
+    except errors.ConfigurationError as e:
+        raise bad(e.message, param) from None
+
+
+# -- Chat Completions in --------------------------------------------------------------------------
+_CHAT_KNOWN = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
+               "tools", "tool_choice", "response_format", "stream", "stream_options", "functions"}  # fmt: skip
+
+
+def parse_chat(body: Any) -> Call:
+    model = _model(body)
+    _check_rest(body, _CHAT_KNOWN)
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise bad("messages must be a non-empty array", "messages", "missing_required_parameter")
+    msgs = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            raise bad(f"{where}: role must be system, developer, user, assistant or tool", where)
+        role = "system" if m["role"] == "developer" else m["role"]
+        calls = []
+        for j, tc in enumerate(m.get("tool_calls") or ()):
+            fn = tc.get("function") if isinstance(tc, dict) else None
+            if not isinstance(fn, dict) or not fn.get("name"):
+                raise bad(f"{where}.tool_calls[{j}] needs function.name", f"{where}.tool_calls")
+            calls.append(convert.tool_call(tc.get("id") or "", fn["name"], fn.get("arguments")))
+        if role == "tool" and not m.get("tool_call_id"):
+            raise bad(f"{where}: a tool message needs tool_call_id", f"{where}.tool_call_id")
+        msgs.append(Message(role, _text(m.get("content"), where), tuple(calls), m.get("tool_call_id"), m.get("name")))
+    if body.get("functions"):
+        raise bad("the legacy 'functions' parameter is not supported: use 'tools'", "functions", "unsupported_parameter")
+    o = _sampling(body, "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens")
+    seed = _number(body, "seed", int)
+    if seed is not None:
+        o["seed"] = seed
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+            raise bad("stop must be a string or an array of up to 4 strings", "stop")
+        if stop:
+            o["stop"] = tuple(stop)
+    tools = []
+    for j, t in enumerate(body.get("tools") or ()):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(fn, dict) or not fn.get("name"):
+            raise bad(f"tools[{j}] must be {{'type': 'function', 'function': {{'name': ...}}}}", f"tools[{j}]")
+        tools.append(_tool(fn))
+    if tools:
+        o["tools"] = tuple(tools)
+    if body.get("tool_choice") is not None:
+        _check_choice(body["tool_choice"], "tool_choice")
+        o["tool_choice"] = body["tool_choice"]
+    rf = body.get("response_format")
+    if rf is not None and rf.get("type") != "text":
+        _check_format(rf, "response_format")
+        o["response_format"] = rf
+    stream = bool(body.get("stream"))
+    include = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+    return Call(model, tuple(msgs), o, stream, include)
+
+
+def _tool(fn: dict[str, Any]) -> Tool:
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    return Tool(str(fn["name"]), str(fn.get("description") or ""), params)
+
+
+# -- Responses in ---------------------------------------------------------------------------------
+_RESP_KNOWN = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
+               "text", "stream"}  # fmt: skip
+
+
+def parse_responses(body: Any) -> Call:
+    model = _model(body)
+    _check_rest(body, _RESP_KNOWN)
+    msgs: list[Message] = []
+    if body.get("instructions"):
+        msgs.append(Message("system", _text(body["instructions"], "instructions")))
+    raw = body.get("input")
+    if isinstance(raw, str):
+        raw = [{"role": "user", "content": raw}]
+    if not isinstance(raw, list) or not raw:
+        raise bad("input must be a string or a non-empty array of items", "input", "missing_required_parameter")
+    for i, it in enumerate(raw):
+        where = f"input[{i}]"
+        if not isinstance(it, dict):
+            raise bad(f"{where} must be an object", where)
+        kind = it.get("type") or "message"
+        if kind == "message":
+            role = it.get("role")
+            if role not in ("system", "developer", "user", "assistant"):
+                raise bad(f"{where}: role must be system, developer, user or assistant", where)
+            msgs.append(Message("system" if role == "developer" else role, _text(it.get("content"), where)))
+        elif kind in ("function_call", "custom_tool_call"):
+            args = it.get("arguments") if kind == "function_call" else {"input": it.get("input") or ""}
+            call = convert.tool_call(it.get("call_id") or it.get("id") or "", str(it.get("name") or ""), args)
+            if msgs and msgs[-1].role == "assistant":
+                last = msgs[-1]
+                msgs[-1] = Message("assistant", last.content, last.tool_calls + (call,))
+            else:
+                msgs.append(Message.assistant("", (call,)))
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            out = it.get("output")
+            text = out if isinstance(out, str) else _text(out, where) if isinstance(out, list) else json.dumps(out)
+            msgs.append(Message.tool(str(it.get("call_id") or ""), text))
+        elif kind == "reasoning":
+            continue  # the lane's own reasoning is not replayed
+        else:
+            raise bad(f"{where}: input item type {kind!r} is not supported", where, "unsupported_content")
+    o = _sampling(body, "max_output_tokens")
+    tools = []
+    for j, t in enumerate(body.get("tools") or ()):
+        if not isinstance(t, dict):
+            raise bad(f"tools[{j}] must be an object", f"tools[{j}]")
+        if t.get("type") == "function":
+            if not t.get("name"):
+                raise bad(f"tools[{j}] needs a name", f"tools[{j}]")
+            tools.append(_tool(t))
+    if tools:
+        o["tools"] = tuple(tools)
+    tc = body.get("tool_choice")
+    if tc is not None and tools:
+        tc = _tool_choice_from_responses(tc)
+        _check_choice(tc, "tool_choice")
+        o["tool_choice"] = tc
+    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        rf = fmt
+        if fmt.get("type") == "json_schema":
+            rf = {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "schema", "strict") if k in fmt}}
+        _check_format(rf, "text.format")
+        o["response_format"] = rf
+    return Call(model, tuple(msgs), o, bool(body.get("stream")))
+
+
+# -- out: shared ----------------------------------------------------------------------------------
+_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "content_filter": "content_filter"}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
+
+
+def dsrs_extra(c: Completion, lane: str | None) -> dict[str, Any]:
+    """What the gateway adds beside OpenAI's fields: cost, cache, lane."""
+    u = c.usage
+    return {"lane": lane, "provider": c.provider, "cost_msats": u.cost_msats,
+            "cost_source": getattr(u.cost_source, "value", u.cost_source), "cache_hit": u.cache_hit}  # fmt: skip
+
+
+def _args(t: ToolCall) -> str:
+    return t.raw_arguments if t.raw_arguments is not None else json.dumps(t.arguments)
+
+
+# -- Chat Completions out -------------------------------------------------------------------------
+def chat_usage(u: LmUsage) -> dict[str, Any]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}  # fmt: skip
+
+
+def _chat_calls(c: Completion, indexed: bool) -> list[dict[str, Any]]:
+    return [{**({"index": i} if indexed else {}), "id": t.id or new_id("call_"), "type": "function",
+             "function": {"name": t.name, "arguments": _args(t)}} for i, t in enumerate(c.tool_calls)]  # fmt: skip
+
+
+def chat_completion(c: Completion, model: str, rid: str, lane: str | None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
+    if c.tool_calls:
+        msg["tool_calls"] = _chat_calls(c, False)
+        msg["content"] = c.text or None
+    return {
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": msg, "finish_reason": _FINISH.get(c.finish_reason, "stop"),
+                     "logprobs": None}],
+        "usage": chat_usage(c.usage), "system_fingerprint": None, "dsrs": dsrs_extra(c, lane),
+    }  # fmt: skip
+
+
+class ChatStream:
+    """The chunks of one streamed chat completion."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.rid, self.model, self.include_usage = new_id("chatcmpl-"), model, include_usage
+        self.created = int(time.time())
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}  # fmt: skip
+
+    def start(self) -> list[dict[str, Any]]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def delta(self, text: str) -> list[dict[str, Any]]:
+        return [self._chunk({"content": text})]
+
+    def end(self, c: Completion, lane: str | None) -> list[dict[str, Any]]:
+        out = []
+        if c.tool_calls:
+            out.append(self._chunk({"tool_calls": _chat_calls(c, True)}))
+        last = self._chunk({}, _FINISH.get(c.finish_reason, "stop"))
+        if not self.include_usage:
+            last["dsrs"] = dsrs_extra(c, lane)
+        out.append(last)
+        if self.include_usage:
+            out.append({"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
+                        "model": self.model, "choices": [], "usage": chat_usage(c.usage),
+                        "dsrs": dsrs_extra(c, lane)})  # fmt: skip
+        return out
+
+
+# -- Responses out --------------------------------------------------------------------------------
+def responses_usage(u: LmUsage) -> dict[str, Any]:
+    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
+            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+            "total_tokens": u.total_tokens}  # fmt: skip
+
+
+def _message_item(mid: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" else []
+    return {"type": "message", "id": mid, "status": status, "role": "assistant", "content": content}
+
+
+def _call_items(c: Completion) -> list[dict[str, Any]]:
+    return [{"type": "function_call", "id": new_id("fc_"), "call_id": t.id or new_id("call_"), "name": t.name,
+             "arguments": _args(t), "status": "completed"} for t in c.tool_calls]  # fmt: skip
+
+
+def response_object(rid: str, model: str, created: int, status: str, output: list[dict[str, Any]],
+                    c: Completion | None, lane: str | None) -> dict[str, Any]:  # fmt: skip
+    incomplete = None
+    if c is not None and c.finish_reason in ("length", "content_filter"):
+        status = "incomplete"
+        incomplete = {"reason": "max_output_tokens" if c.finish_reason == "length" else "content_filter"}
+    d: dict[str, Any] = {
+        "id": rid, "object": "response", "created_at": created, "status": status, "model": model,
+        "output": output, "error": None, "incomplete_details": incomplete, "instructions": None,
+        "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "metadata": {},
+        "usage": responses_usage(c.usage) if c is not None else None,
+    }  # fmt: skip
+    if c is not None:
+        d["dsrs"] = dsrs_extra(c, lane)
+    return d
+
+
+def response(c: Completion, model: str, lane: str | None) -> dict[str, Any]:
+    output = []
+    if c.text or not c.tool_calls:
+        output.append(_message_item(new_id("msg_"), c.text))
+    output += _call_items(c)
+    return response_object(new_id("resp_"), model, int(time.time()), "completed", output, c, lane)
+
+
+class ResponsesStream:
+    """The events of one streamed response (each a dict with its `type` and `sequence_number`)."""
+
+    def __init__(self, model: str) -> None:
+        self.rid, self.model, self.created = new_id("resp_"), model, int(time.time())
+        self.seq = 0
+        self.mid: str | None = None  # the message item, opened on the first text
+        self.text: list[str] = []
+
+    def _ev(self, kind: str, **fields: Any) -> dict[str, Any]:
+        ev = {"type": kind, "sequence_number": self.seq, **fields}
+        self.seq += 1
+        return ev
+
+    def start(self) -> list[dict[str, Any]]:
+        r = response_object(self.rid, self.model, self.created, "in_progress", [], None, None)
+        return [self._ev("response.created", response=r), self._ev("response.in_progress", response=r)]
+
+    def _open(self) -> list[dict[str, Any]]:
+        self.mid = new_id("msg_")
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        return [
+            self._ev("response.output_item.added", output_index=0, item=_message_item(self.mid, "", "in_progress")),
+            self._ev("response.content_part.added", item_id=self.mid, output_index=0, content_index=0, part=part),
+        ]
+
+    def delta(self, text: str) -> list[dict[str, Any]]:
+        out = self._open() if self.mid is None else []
+        self.text.append(text)
+        out.append(self._ev("response.output_text.delta", item_id=self.mid, output_index=0, content_index=0,
+                            delta=text, logprobs=[]))  # fmt: skip
+        return out
+
+    def end(self, c: Completion, lane: str | None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        items: list[dict[str, Any]] = []
+        if self.mid is None and (c.text or not c.tool_calls):
+            out += self._open()
+            if c.text:
+                out.append(self._ev("response.output_text.delta", item_id=self.mid, output_index=0,
+                                    content_index=0, delta=c.text, logprobs=[]))  # fmt: skip
+        if self.mid is not None:
+            text = "".join(self.text) or c.text
+            item = _message_item(self.mid, text)
+            out += [
+                self._ev("response.output_text.done", item_id=self.mid, output_index=0, content_index=0, text=text,
+                         logprobs=[]),
+                self._ev("response.content_part.done", item_id=self.mid, output_index=0, content_index=0,
+                         part=item["content"][0]),
+                self._ev("response.output_item.done", output_index=0, item=item),
+            ]  # fmt: skip
+            items.append(item)
+        for item in _call_items(c):
+            i = len(items)
+            out += [self._ev("response.output_item.added", output_index=i, item={**item, "status": "in_progress"}),
+                    self._ev("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                             arguments=item["arguments"]),
+                    self._ev("response.output_item.done", output_index=i, item=item)]  # fmt: skip
+            items.append(item)
+        r = response_object(self.rid, self.model, self.created, "completed", items, c, lane)
+        # Always `response.completed` (status inside may say "incomplete"): the Codex CLI and the SDK's
+        # stream helper treat a stream without it as cut.
+        out.append(self._ev("response.completed", response=r))
+        return out
+
+    def failed(self, err: WireError) -> dict[str, Any]:
+        r = response_object(self.rid, self.model, self.created, "failed", [], None, None)
+        r["error"] = {"code": err.code or err.type, "message": err.message}
+        return self._ev("response.failed", response=r)
+
+
+# -- errors out -----------------------------------------------------------------------------------
+def from_error(e: BaseException) -> WireError:
+    """The OpenAI-style answer to a dsrs error (never the provider's secrets: errors are scrubbed)."""
+    if isinstance(e, WireError):
+        return e
+    msg = str(e)
+    if isinstance(e, errors.BudgetExceededError):
+        no_retry = {"x-should-retry": "false"}
+        if e.code == "budget_unavailable":
+            return WireError(503, msg, type="server_error", code=e.code, headers=no_retry)
+        return WireError(429, msg, type="insufficient_quota", code=e.code or "budget_exceeded", headers=no_retry)
+    if isinstance(e, errors.RateLimitError):
+        h = {"retry-after": str(max(1, round(e.retry_after)))} if e.retry_after else {}
+        return WireError(429, msg, type="rate_limit_error", code="rate_limit_exceeded", headers=h)
+    if isinstance(e, errors.QuotaExceededError):
+        return WireError(429, msg, type="insufficient_quota", code="insufficient_quota", headers={"x-should-retry": "false"})
+    if isinstance(e, errors.ContextWindowExceededError):
+        return WireError(400, msg, code="context_length_exceeded", param="messages")
+    if isinstance(e, (errors.ConfigurationError, errors.BadRequestError)):
+        return WireError(400, msg, code=e.code or "invalid_request")
+    if isinstance(e, errors.TimeoutError):
+        return WireError(504, msg, type="timeout", code="upstream_timeout")
+    if isinstance(e, (errors.AuthenticationError, errors.PermissionDeniedError)):
+        # The upstream's credentials, not the client's: a 401 here would blame the wrong key.
+        return WireError(502, msg, type="upstream_error", code="upstream_authentication")
+    if isinstance(e, errors.DsrsError):
+        status = 503 if type(e).__name__ == "NoLaneAvailableError" else 502
+        return WireError(status, msg, type="upstream_error", code=e.code or "upstream_error")
+    return WireError(500, "internal gateway error", type="server_error", code="internal_error")

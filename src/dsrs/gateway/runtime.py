@@ -1,0 +1,157 @@
+"""What a config becomes at startup: lane LMs, routes by model name, budgets, client keys, shared state."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .. import ledger as ledger_mod
+from ..budget import Budget
+from ..cache import Cache
+from ..errors import ConfigurationError
+from .config import Config, KeyConfig, LaneConfig, key_hash
+
+log = logging.getLogger("dsrs.gateway")
+
+ANONYMOUS = KeyConfig("anonymous", "0" * 64)
+
+
+@dataclass
+class Route:
+    """What answers one model name: an LM or a LaneMux, and the lane name when it is a single lane."""
+
+    name: str
+    target: Any
+    lane: str | None
+
+
+class Runtime:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.redis = None
+        if cfg.redis_url:
+            from ..redis_state import RedisState
+
+            self.redis = RedisState(cfg.redis_url)
+        self.budgets: dict[str, Budget] = {n: self._budget(b) for n, b in cfg.budgets.items()}
+        self.cache = self._cache()
+        self.lanes: dict[str, Any] = {n: self._lane(lc) for n, lc in cfg.lanes.items()}
+        self.routes: dict[str, Route] = {n: Route(n, self.lanes[n], n) for n in cfg.lanes}
+        for n, m in cfg.models.items():
+            if len(m.lanes) == 1:
+                self.routes[n] = Route(n, self.lanes[m.lanes[0]], m.lanes[0])
+            else:
+                self.routes[n] = Route(n, self._mux(m.lanes, m.policy), None)
+        self._keys = {k.sha256: k for k in cfg.keys.values()}
+        from ..redis_state import RateLimiter
+
+        self.limiter = RateLimiter(self.redis)
+        if self.redis is not None:
+            from ..redis_state import RedisLedger
+
+            self.ledger: Any = RedisLedger(self.redis)
+        else:
+            self.ledger = ledger_mod.default_ledger() if ledger_mod.enabled() else None
+
+    # -- building ---------------------------------------------------------------------------
+    def _budget(self, b: Any) -> Budget:
+        if self.redis is not None:
+            from ..redis_state import RedisBudget
+
+            return RedisBudget(self.redis, b.name, b.limit_msats, soft=b.soft, allow_unpriced=b.allow_unpriced,
+                               on_down=self.cfg.on_down)  # fmt: skip
+        return Budget(b.limit_msats, soft=b.soft, allow_unpriced=b.allow_unpriced, name=b.name)
+
+    def _cache(self) -> Cache | bool:
+        if not self.cfg.cache:
+            return False
+        if self.redis is not None:
+            from ..redis_state import RedisStore
+
+            return Cache(store=RedisStore(self.redis, self.cfg.cache_ttl_s))
+        return True  # the process's default cache (memory + SQLite)
+
+    def _lane(self, lc: LaneConfig) -> Any:
+        opts: dict[str, Any] = dict(lc.options)
+        if lc.base_url:
+            opts["base_url"] = lc.base_url
+        if lc.api_key_env:
+            key = os.environ.get(lc.api_key_env)
+            if not key:
+                raise ConfigurationError(f"gateway config [lanes.{lc.name}]: {lc.api_key_env} is empty or unset",
+                                         hint="export the provider key before starting the gateway")  # fmt: skip
+            opts["api_key"] = key
+        use_cache = self.cfg.cache if lc.cache is None else lc.cache
+        opts["cache"] = self.cache if use_cache and self.cache else False
+        if lc.budget:
+            opts["budget"] = self.budgets[lc.budget]
+        try:
+            if lc.kind == "lm":
+                from ..lm import LM
+
+                return LM(lc.model, **opts)
+            if lc.kind == "codex-sdk":
+                from ..codex_sdk import CodexSdkLM
+
+                return CodexSdkLM(lc.model, **opts)
+            from .. import pylon  # kind "pylon"
+
+            cls = getattr(pylon, "PylonLM", None)
+            if cls is None:
+                raise ConfigurationError("PylonLM is not available in this build of dsrs")
+            return cls(**({"model": lc.model} if lc.model else {}), **opts)
+        except ConfigurationError as e:
+            e.message = f"gateway config [lanes.{lc.name}]: {e.message}"
+            e.args = (str(e),)
+            raise
+
+    def _mux(self, lanes: tuple[str, ...], policy: str) -> Any:
+        try:
+            from ..lanes import LaneMux
+        except ImportError as e:
+            raise ConfigurationError("models with several lanes need dsrs.lanes.LaneMux", hint=str(e)) from None
+        mux = LaneMux(policy=policy)
+        for n in lanes:
+            lc = self.cfg.lanes[n]
+            mux = mux.add_lane(n, self.lanes[n], **lc.hints)
+        return mux
+
+    # -- per request ------------------------------------------------------------------------
+    def client(self, authorization: str | None) -> KeyConfig | None:
+        """The client key for an `Authorization: Bearer ...` header; None when missing or unknown."""
+        token = ""
+        if authorization and authorization[:7].lower() == "bearer ":
+            token = authorization[7:].strip()
+        if not token:
+            return None if self.cfg.require_keys else ANONYMOUS
+        digest = key_hash(token)
+        k = self._keys.get(digest)
+        if k is not None and hmac.compare_digest(k.sha256, digest):
+            return k
+        if not self.cfg.require_keys and not self._keys:
+            return ANONYMOUS  # a private gateway: any bearer value (SDKs insist on sending one)
+        return None
+
+    def budgets_for(self, key: KeyConfig) -> list[Budget]:
+        names = [self.cfg.budget, key.budget]
+        return [self.budgets[n] for n in names if n]
+
+    def health(self) -> dict[str, Any]:
+        redis_up = self.redis.ping() if self.redis is not None else None
+        if self.redis is None:
+            mode = "local"  # in-process budgets, no Redis configured
+        elif redis_up:
+            mode = "shared"
+        else:
+            mode = "fail_closed" if self.cfg.on_down == "fail_closed" else "local_fallback"
+        d: dict[str, Any] = {
+            "status": "degraded" if mode == "fail_closed" else "ok",
+            "redis": None if self.redis is None else {"up": redis_up, "error": None if redis_up else self.redis.last_error},
+            "budget_mode": mode,
+            "on_redis_down": self.cfg.on_down,
+            "models": list(self.routes),
+        }
+        return d
