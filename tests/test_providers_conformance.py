@@ -552,6 +552,16 @@ async def test_text(w: Wire, scripted: Any) -> None:
 
 
 @by_id
+def test_sync_call_and_stream(w: Wire, scripted: Any) -> None:
+    lm = std(make(w, scripted))
+    scripted.script(w.text, w.stream)
+    assert lm(STD_MESSAGES).text == "Paris"
+    items = list(lm.stream(STD_MESSAGES))
+    assert items[:-1] == ["Pa", "ris"] and items[-1].completion.text == "Paris"
+    assert [r.json for r in scripted.requests] == [w.text_body, {**w.text_body, **w.stream_extra}]
+
+
+@by_id
 async def test_usage(w: Wire, scripted: Any) -> None:
     scripted.script(w.text)
     u = (await std(make(w, scripted)).acall(STD_MESSAGES)).usage
@@ -837,6 +847,12 @@ async def test_gemini_error_status_inside_a_stream_keeps_its_class(scripted: Any
         async for _ in make(GEMINI, scripted).astream(QUESTION):
             pass
     assert ei.value.code == "400"  # Google puts the HTTP status in `code`; the class comes from `status`
+
+
+async def test_gemini_tool_result_without_a_known_name_is_refused(scripted: Any) -> None:
+    with pytest.raises(errors.ConfigurationError) as ei:
+        await make(GEMINI, scripted).acall([Message.user("Weather?"), Message.tool("call_x", "sunny")])
+    assert "call_x" in str(ei.value) and scripted.requests == []
 
 
 async def test_gemini_max_tokens_finish(scripted: Any) -> None:

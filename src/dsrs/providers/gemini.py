@@ -34,7 +34,13 @@ def _result(content: str) -> dict[str, Any]:
 
 def _parts(m: Message, names: dict[str, str]) -> list[dict[str, Any]]:
     if m.role == "tool":
-        fr: dict[str, Any] = {"name": names.get(m.tool_call_id or "", m.name or ""), "response": _result(m.content)}
+        name = names.get(m.tool_call_id or "") or m.name
+        if not name:
+            raise errors.ConfigurationError(
+                f"Gemini needs the tool name of the result for call {m.tool_call_id!r}",
+                hint="send the assistant message holding that tool call before its result, or set Message.name",
+            )
+        fr: dict[str, Any] = {"name": name, "response": _result(m.content)}
         if m.tool_call_id and not m.tool_call_id.startswith(_SYNTH):
             fr["id"] = m.tool_call_id
         return [{"functionResponse": fr}]

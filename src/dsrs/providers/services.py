@@ -75,7 +75,7 @@ SERVICES: dict[str, Service] = {
             quirks=frozenset({"azure", "max_completion_tokens"}),
         ),
         Service("embedded", "embedded", key_required=False, local=True, tools=False, json_schema=False),
-        # Native protocols (their modules land with the native-protocols work):
+        # Native protocols, one module each under dsrs.providers:
         Service("codex", "responses", "https://api.openai.com/v1", "OPENAI_BASE_URL", ("OPENAI_API_KEY",)),
         Service("openai-responses", "responses", "https://api.openai.com/v1", "OPENAI_BASE_URL", ("OPENAI_API_KEY",)),
         Service(
