@@ -1,0 +1,266 @@
+"""The swarm client: one NIP-90 job (kind 5050) per request, paid over the wallet, checked throughout.
+
+Flow: sign the job, subscribe to its feedback (7000) and results (6050), publish, then read
+events until the first valid result. Each event must be correctly signed (the relay client
+drops others), reference our job in its first `e` tag and our key in its `p` tag, and be fresh.
+A `payment-required` quote is paid only when its amount is within the bid and the budget (with
+the fee cap), its invoice is valid, unexpired, on our network and for exactly that amount, and
+nothing was paid for this job or this payment hash before; after paying we listen to that
+provider only. The job is cancelled (kind 5) after the result. Prompts are public on the relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..budget import Budget, Reservation
+from ..errors import APIConnectionError, BudgetExceededError, TimeoutError, UnsupportedFeatureError
+from ..nostr import Event, Keys, sign
+from ..providers.embedded import render
+from ..types import Completion, CostSource, LmUsage, Request
+from . import bolt11, pools
+from .errors import PaymentError, PaymentRequiredError, PaymentUnknownError, SwarmJobError
+from .wallet import Wallet
+
+JOB, RESULT, FEEDBACK, DELETION = 5050, 6050, 7000, 5
+DEFAULT_RELAY = "wss://nexus.openagents.com"
+STALE_S = 60  # events this much older than the job are ignored
+_paid_hashes: OrderedDict[str, None] = OrderedDict()  # payment hashes paid by this process
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What a provider asks for a job (shown when auto_pay is off). `invoice` is a payable secret."""
+
+    job_id: str
+    provider: str
+    amount_msats: int
+    invoice: str = field(repr=False)
+
+
+@dataclass
+class SwarmConfig:
+    relays: tuple[str, ...]
+    bid_msats: int = 10_000
+    timeout: float = 60.0
+    wallet: Wallet | None = None
+    budget: Budget | None = None
+    auto_pay: bool = True
+    fee_cap_msats: int | None = None  # None: 1% of the amount + 1000 msats
+    provider: str | None = None  # ask one provider (p tag) and accept only it
+    keys: Keys | None = None  # None: a fresh key per job
+    network: str = "bc"
+    max_events: int = 1000
+    max_content: int = 1_000_000
+
+
+@dataclass
+class _Job:
+    ev: Event
+    keys: Keys
+    cfg: SwarmConfig
+    refusals: list[str] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+    paid_to: str | None = None
+    paid_msats: int = 0
+    status: str | None = None
+
+    def refuse(self, who: str, why: str) -> None:
+        self.refusals.append(f"{who[:12]}: {why}")
+
+
+def fee_cap(cfg: SwarmConfig, amount: int) -> int:
+    return cfg.fee_cap_msats if cfg.fee_cap_msats is not None else math.ceil(amount / 100) + 1000
+
+
+def job_event(keys: Keys, req: Request, cfg: SwarmConfig) -> Event:
+    if req.tools or req.response_format:
+        raise UnsupportedFeatureError("swarm jobs carry text only (no tools or structured output)", provider="pylon")
+    tags: list[list[str]] = [["i", render(req.messages), "text"]]
+    if req.model:
+        tags.append(["param", "model", req.model])
+    for name in ("max_tokens", "temperature", "top_p", "seed"):
+        v = getattr(req, name)
+        if v is not None:
+            tags.append(["param", name, str(v)])
+    tags += [["output", "text/plain"], ["bid", str(cfg.bid_msats)], ["relays", *cfg.relays]]
+    if cfg.provider:
+        tags.append(["p", cfg.provider])
+    return sign(keys, JOB, "", tags)
+
+
+async def run(cfg: SwarmConfig, req: Request) -> Completion:
+    """Run one job on the swarm and return its result (usage: what was paid, tokens estimated)."""
+    keys = cfg.keys or Keys.generate()
+    job = _Job(job_event(keys, req, cfg), keys, cfg)
+    pool = pools.pool(cfg.relays)
+    started = time.monotonic()
+    sub = await pool.subscribe([{"kinds": [FEEDBACK, RESULT], "#e": [job.ev.id]}])
+    try:
+        await pool.publish(job.ev, timeout=min(cfg.timeout, 10.0))
+        deadline = started + cfg.timeout
+        events = 0
+        while True:
+            try:
+                ev = await sub.next(max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise _timeout(job) from None
+            events += 1
+            if events > cfg.max_events:
+                raise SwarmJobError(f"job drew more than {cfg.max_events} events; giving up", provider="pylon")
+            done = await _handle(job, ev)
+            if done is not None:
+                break
+    finally:
+        await sub.close()
+    await _cancel(pool, job)
+    return done
+
+
+async def _cancel(pool: Any, job: _Job) -> None:
+    try:
+        ev = sign(job.keys, DELETION, "job done", [["e", job.ev.id], ["k", str(JOB)]])
+        await asyncio.wait_for(pool.publish(ev, timeout=2.0), 2.0)
+    except Exception:  # best effort: the result is already ours
+        pass
+
+
+def _timeout(job: _Job) -> Exception:
+    why = "; ".join(job.refusals) if job.refusals else "no provider answered"
+    msg = f"no result within {job.cfg.timeout}s ({why})"
+    if job.paid_to:  # paid and not delivered: do not retry (that would pay again)
+        return SwarmJobError(msg, provider="pylon", code="paid_no_result",
+                             hint=f"paid {job.paid_msats} msats to {job.paid_to[:12]}...")  # fmt: skip
+    return TimeoutError(msg, provider="pylon", hint="raise the bid or the timeout, or try other relays")
+
+
+async def _handle(job: _Job, ev: Event) -> Completion | None:
+    cfg = job.cfg
+    if ev.id in job.seen:
+        return None
+    job.seen.add(ev.id)
+    who = ev.pubkey
+    if ev.kind not in (FEEDBACK, RESULT):
+        return None
+    e = ev.tag_value("e")
+    p = ev.tag_value("p")
+    if e != job.ev.id or p != job.keys.pubkey:
+        job.refuse(who, "event not addressed to this job")
+        return None
+    if ev.created_at < job.ev.created_at - STALE_S:
+        job.refuse(who, "stale event")
+        return None
+    if len(ev.content) > cfg.max_content:
+        job.refuse(who, "content too large")
+        return None
+    if cfg.provider and who != cfg.provider:
+        return None
+    if job.paid_to and who != job.paid_to:
+        return None  # after paying, only that provider counts
+    if ev.kind == FEEDBACK:
+        status = ev.tag("status")
+        state = status[1] if status and len(status) > 1 else ""
+        if state == "payment-required":
+            await _quote(job, ev)
+        elif state == "error":
+            msg = (status[2] if status and len(status) > 2 else "") or ev.content or "error"
+            if job.paid_to or cfg.provider:
+                raise SwarmJobError(f"provider failed the job: {msg[:300]}", provider="pylon", code="provider_error")
+            job.refuse(who, f"error: {msg[:120]}")
+        elif state:
+            job.status = state
+        return None
+    # a result
+    req_tag = ev.tag_value("request")
+    if req_tag is not None:
+        try:
+            if json.loads(req_tag).get("id") != job.ev.id:
+                job.refuse(who, "result for another request")
+                return None
+        except (ValueError, AttributeError):
+            job.refuse(who, "unreadable request tag")
+            return None
+    prompt = job.ev.tags[0][1]
+    pt, ct = math.ceil(len(prompt) / 4), math.ceil(len(ev.content) / 4)
+    usage = LmUsage(pt, ct, pt + ct, cost_msats=job.paid_msats,
+                    cost_source=CostSource.INVOICE if job.paid_to else CostSource.FREE, estimated=True, calls=1)  # fmt: skip
+    model = next((t[2] for t in job.ev.tags if t[:2] == ["param", "model"] and len(t) > 2), "")
+    return Completion(ev.content, usage, model=model, provider="pylon", id=job.ev.id,
+                      raw={"result": ev.id, "provider": who, "job": job.ev.id})  # fmt: skip
+
+
+async def _quote(job: _Job, ev: Event) -> None:
+    cfg, who = job.cfg, ev.pubkey
+    if job.paid_to:
+        return  # one payment per job
+    amt = ev.tag("amount")
+    try:
+        amount = int(amt[1]) if amt and len(amt) > 1 else None
+    except ValueError:
+        amount = None
+    if amount is None or amount <= 0:
+        return job.refuse(who, "payment-required without a valid amount")
+    if amount > cfg.bid_msats:
+        return job.refuse(who, f"asks {amount} msats, over the bid of {cfg.bid_msats}")
+    text = amt[2] if amt and len(amt) > 2 else ""  # type: ignore[index]
+    if not text:
+        return job.refuse(who, "payment-required without an invoice")
+    try:
+        inv = bolt11.decode(text)
+    except bolt11.InvoiceError as e:
+        return job.refuse(who, f"bad invoice ({e.message})")
+    if inv.amount_msats is None:
+        return job.refuse(who, "amountless invoice")
+    if inv.amount_msats != amount:
+        return job.refuse(who, f"invoice amount {inv.amount_msats} differs from the quoted {amount}")
+    if inv.network != cfg.network:
+        return job.refuse(who, f"invoice for network {inv.network!r}, not {cfg.network!r}")
+    if inv.expired():
+        return job.refuse(who, "invoice expired")
+    if inv.payment_hash in _paid_hashes:
+        return job.refuse(who, "invoice already paid")
+    quote = Quote(job.ev.id, who, amount, text)
+    if not cfg.auto_pay or cfg.wallet is None:
+        raise PaymentRequiredError(
+            f"provider {who[:12]}... asks {amount} msats for job {job.ev.id[:12]}...", quote=quote, provider="pylon",
+            hint="pay quote.invoice yourself, or set with_wallet(...) and auto_pay" if cfg.wallet is None or not cfg.auto_pay else None,
+        )  # fmt: skip
+    res: Reservation | None = None
+    if cfg.budget is not None:
+        try:
+            res = cfg.budget.reserve(amount + fee_cap(cfg, amount))
+        except BudgetExceededError as e:
+            return job.refuse(who, f"{amount} msats + fee cap: {e.message}")
+    _paid_hashes[inv.payment_hash] = None
+    while len(_paid_hashes) > 100_000:
+        _paid_hashes.popitem(last=False)
+    try:
+        pay = await cfg.wallet.pay_invoice(text)
+    except PaymentUnknownError as e:
+        e.reservation = res  # left open (still reserved) until the caller settles or releases it
+        job.paid_to = who  # may have been paid: never pay anyone else for this job
+        raise
+    except (PaymentError, APIConnectionError, bolt11.InvoiceError) as e:
+        if res:
+            res.release()
+        _paid_hashes.pop(inv.payment_hash, None)
+        return job.refuse(who, f"payment failed ({getattr(e, 'code', None) or type(e).__name__})")
+    except BaseException:  # cancelled mid-payment: outcome unknown, the reservation stays open
+        raise
+    job.paid_to, job.paid_msats = who, amount + pay.fees_paid_msats
+    if res:
+        res.settle(job.paid_msats)
+
+
+async def stream(cfg: SwarmConfig, req: Request) -> AsyncIterator[str | Completion]:
+    c = await run(cfg, req)
+    if c.text:
+        yield c.text
+    yield c
