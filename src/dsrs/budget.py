@@ -44,6 +44,7 @@ from typing import Any
 
 from . import pricing
 from .errors import BudgetExceededError, ConfigurationError, ResponseFormatError, TimeoutError
+from .settings import current
 from .types import Request
 
 log = logging.getLogger("dsrs.budget")
@@ -267,10 +268,10 @@ def scope(budgets: Sequence[Budget]) -> Iterator[None]:
 
 def applicable(lm: Any) -> tuple[Budget, ...]:
     """Every budget a call on `lm` here must reserve against, each once."""
-    from .settings import current
-
     found: list[Budget] = []
-    opts = getattr(lm, "options", None) or {}
+    opts = getattr(lm, "_opts", None)  # BaseLM's options without the copy `.options` makes
+    if opts is None:
+        opts = getattr(lm, "options", None) or {}
     for b in (opts.get("budget"), *_scoped.get(), current().budget):
         if b is not None and all(b is not x for x in found):
             if not isinstance(b, Budget):
