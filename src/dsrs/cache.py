@@ -15,7 +15,6 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,10 +24,13 @@ KEY_VERSION = 1
 log = logging.getLogger("dsrs.cache")
 
 
+# Built once: `json.dumps` with options builds a new encoder on every call.
+_KEY_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def cache_key(provider: str, req: Request) -> str:
     doc = {"v": KEY_VERSION, "provider": provider, "request": req.canonical()}
-    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return hashlib.sha256(_KEY_JSON.encode(doc).encode()).hexdigest()
 
 
 class Store(Protocol):
@@ -144,6 +146,9 @@ class SqliteStore:
                 self._db = None
 
 
+_HIT = {"cost_msats": 0, "cost_source": CostSource.CACHE.value, "cache_hit": True, "calls": 1}
+
+
 class Cache:
     """Memory first, then the shared store; a hit comes back marked and free."""
 
@@ -164,9 +169,8 @@ class Cache:
             if v is None:
                 return None
             self.memory.put(key, v)
-        c = Completion.from_json(v)
-        c.usage = replace(c.usage, cost_msats=0, cost_source=CostSource.CACHE, cache_hit=True, calls=1)
-        return c
+        # marked as a hit while decoding (one usage object, not a decode then a `replace` copy)
+        return Completion.from_json({**v, "usage": {**v["usage"], **_HIT}})
 
     def put(self, key: str, c: Completion) -> None:
         v = c.to_json()

@@ -120,12 +120,14 @@ class Request:
     extra: dict[str, Any] = field(default_factory=dict)  # provider parameters passed through
 
     def canonical(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {name: getattr(self, name) for name in _REQUEST_FIELDS}  # fields() is slow per call
         d["messages"] = [m.to_json() for m in self.messages]
         d["tools"] = [t.to_json() for t in self.tools]
         d["stop"] = list(self.stop)
         return d
 
+
+_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(Request))
 
 @dataclass(slots=True)
 class LmUsage:
