@@ -45,6 +45,7 @@ _LAZY = {
     "AdapterParseError": "dsrs.predict", "usage": "dsrs.ledger",
     "Budget": "dsrs.budget",
     "LaneMux": "dsrs.lanes",
+    "PylonLM": "dsrs.pylon",
 }
 
 
