@@ -1,0 +1,191 @@
+"""The `dsrs` command end to end, in subprocesses: ask on the embedded model (offline), doctor, a resumable run, usage."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scripted import Reply, chat_reply
+
+USAGE_LINE = re.compile(r"^\[embedded/gemma-3-270m\] tokens: (\d+) prompt \+ (\d+) completion = (\d+); cost: 0 msats$")
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = dict(os.environ)
+    e["DSRS_CACHE_DIR"] = str(tmp_path / "cache")
+    e.pop("DSRS_LEDGER", None)
+    return e
+
+
+def dsrs(env, *args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "dsrs.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def test_ask_answers_offline_on_the_embedded_model_and_records_usage(env):
+    exe = Path(sys.executable).parent / "dsrs"  # the installed entry point
+    r = subprocess.run([str(exe), "ask", "What is the capital of France?"], env=env, capture_output=True, text=True,
+                       timeout=180)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    answer, usage = r.stdout.strip().splitlines()
+    assert answer == "Paris"
+    m = USAGE_LINE.match(usage)
+    assert m and int(m[1]) + int(m[2]) == int(m[3]) and int(m[2]) >= 1
+    u = dsrs(env, "usage")
+    assert u.returncode == 0
+    assert re.search(rf"^embedded/gemma-3-270m\s+1\s+{m[1]}\s+{m[2]}\s+{m[3]}\s+0\s+0$", u.stdout, re.M), u.stdout
+
+
+def test_ask_streams(env):
+    r = dsrs(env, "ask", "What is the capital of Japan?", "--stream", "--quiet-usage")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "Tokyo"
+    assert USAGE_LINE.match(r.stderr.strip().splitlines()[-1])
+
+
+def test_ask_on_an_auto_detected_lane(env):
+    env.pop("LLAMACPP_BASE_URL", None)
+    r = dsrs(env, "ask", "What is the capital of France?", "--lane", "local")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "Paris" and " lane local]" in lines[1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("ask", "hi", "--model", "nowhere/model"), "dsrs: unknown provider 'nowhere' in 'nowhere/model'"),
+        (("ask", "hi", "--model", "openai/gpt-4o-mini"), "dsrs: [openai] no API key for openai -> set OPENAI_API_KEY"),
+        (("ask", "hi", "--lane", "premium"), "dsrs: no lane named 'premium'"),
+        (("run", "question answer", "-i", "x.jsonl", "-o", "y.jsonl"), "dsrs: a signature string needs exactly one '->'"),
+        (("run", "q -> a", "-i", "/nonexistent.jsonl", "-o", "y.jsonl"), "dsrs: cannot read input /nonexistent.jsonl"),
+        (("usage", "--days", "1", "--by", "model"), None),
+    ],
+)
+def test_errors_are_one_line_without_traceback(env, tmp_path, args, message):
+    r = subprocess.run([sys.executable, "-m", "dsrs.cli", *args], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)  # fmt: skip
+    if message is None:
+        assert r.returncode == 0 and "no calls recorded yet" in r.stdout
+        return
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(message), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_debug_shows_the_traceback(env):
+    r = dsrs(env, "--debug", "ask", "hi", "--model", "nowhere/model")
+    assert r.returncode == 1 and "Traceback" in r.stderr and "UnknownProviderError" in r.stderr
+
+
+def test_doctor_with_keys_unset_and_set(env, llama_server):
+    r = dsrs(env, "doctor")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^openai\s+missing \(OPENAI_API_KEY\)\s+https://api.openai.com/v1\s+not probed \(remote\)", r.stdout, re.M)
+    assert re.search(r"^embedded\s+not needed\s+in process\s+yes \(offline\)", r.stdout, re.M)
+    assert "LaneMux.auto_detect() would build:" in r.stdout and "premium:" not in r.stdout
+
+    env.update(OPENAI_API_KEY="sk-doctor-secret-value", GROQ_API_KEY="gsk-another-secret",
+               LLAMACPP_BASE_URL=llama_server.url + "/v1")  # fmt: skip
+    r = dsrs(env, "doctor")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^openai\s+set \(OPENAI_API_KEY\)", r.stdout, re.M)
+    assert re.search(r"^groq\s+set \(GROQ_API_KEY\)", r.stdout, re.M)
+    assert re.search(rf"^llamacpp\s+not needed\s+{re.escape(llama_server.url)}/v1\s+yes\s+\d+ ms\s+\S+", r.stdout, re.M)
+    assert re.search(r"^  premium: LM\(openai/'gpt-4o'", r.stdout, re.M) and "  fast: " in r.stdout
+    assert "sk-doctor-secret" not in r.stdout + r.stderr and "gsk-another" not in r.stdout + r.stderr
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def answer(n):
+    return chat_reply(f"[[ answer ]]\nA{n}\n\n[[ end ]]", 10, 2)
+
+
+def test_run_resumes_after_a_kill_without_redoing_answered_rows(env, tmp_path, scripted):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_jsonl(inp, [{"id": n, "question": f"Q{n}"} for n in range(1, 7)])
+    env["LLAMACPP_BASE_URL"] = scripted.url + "/v1"
+    cmd = [sys.executable, "-m", "dsrs.cli", "run", "question -> answer", "-i", str(inp), "-o", str(out),
+           "--model", "llamacpp/some-chat-model", "--concurrency", "1"]  # fmt: skip
+    scripted.script(answer(1), answer(2), answer(3), Reply(delay=120, json={}))  # the 4th call stalls
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(scripted.requests) < 4 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # killed mid-batch, with row 4 in flight
+    proc.communicate(timeout=30)
+    first = _read_jsonl(out)
+    assert [(r["_line"], r["answer"]) for r in first] == [(1, "A1"), (2, "A2"), (3, "A3")]
+
+    scripted.script(answer(4), answer(5), answer(6))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "skipping 3 rows already answered" in r.stderr and "3 answered, 3 skipped, 0 failed" in r.stderr
+    asked = [m["content"] for q in scripted.requests for m in q.json["messages"] if m["role"] == "user"]
+    assert [a.splitlines()[1] for a in asked] == ["Q4", "Q5", "Q6"]  # nothing answered was asked again
+    rows = _read_jsonl(out)
+    assert [(r["id"], r["question"], r["answer"], r["_line"]) for r in rows] == [
+        (n, f"Q{n}", f"A{n}", n) for n in range(1, 7)
+    ]
+
+
+def test_run_failed_rows_are_kept_apart_and_retried(env, tmp_path, scripted):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_jsonl(inp, [{"question": "Q1"}, {"question": "Q2"}])
+    env["LLAMACPP_BASE_URL"] = scripted.url + "/v1"
+    cmd = [sys.executable, "-m", "dsrs.cli", "run", "question -> answer: int", "-i", str(inp), "-o", str(out),
+           "-m", "llamacpp/chat", "-c", "1"]  # fmt: skip
+    scripted.script(chat_reply("[[ answer ]]\n1\n\n[[ end ]]"), chat_reply("no idea"), chat_reply("still no idea"))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "1 rows failed" in r.stderr and "Traceback" not in r.stderr
+    rows = _read_jsonl(out)
+    assert rows[0] == {"question": "Q1", "_line": 1, "answer": 1}
+    assert rows[1]["_line"] == 2 and rows[1]["_error"].startswith("AdapterParseError:")
+
+    scripted.script(chat_reply("[[ answer ]]\n2\n\n[[ end ]]"))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert _read_jsonl(out) == [{"question": "Q1", "_line": 1, "answer": 1}, {"question": "Q2", "_line": 2, "answer": 2}]
+    assert len(scripted.requests) == 1
+
+
+def test_run_on_the_embedded_model_with_demos_then_usage(env, tmp_path):
+    inp, out, demos = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "demos.jsonl"
+    _write_jsonl(inp, [{"question": "What is the capital of France?"}, {"question": "What is the capital of Japan?"}])
+    _write_jsonl(demos, [{"question": "What is the capital of Germany?", "answer": "Berlin"}])
+    r = dsrs(env, "run", "question -> answer", "-i", str(inp), "-o", str(out), "--demos", str(demos), "--max-tokens", "16",
+             "--progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert [row["answer"] for row in _read_jsonl(out)] == ["Paris", "Tokyo"]
+    assert "2 answered, 0 skipped, 0 failed" in r.stderr
+    u = dsrs(env, "usage", "--by", "lane")
+    assert re.search(r"^-\s+2\s+", u.stdout, re.M), u.stdout
+    plot = tmp_path / "usage.png"
+    p = dsrs(env, "usage", "--by", "day", "--plot", str(plot))
+    if importlib.util.find_spec("matplotlib") is None:
+        assert p.returncode == 1 and p.stderr.startswith("dsrs: --plot is not available: it needs matplotlib")
+        assert not plot.exists()
+    else:
+        assert p.returncode == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_help_lists_the_commands(env):
+    r = dsrs(env, "--help")
+    assert r.returncode == 0 and all(c in r.stdout for c in ("ask", "doctor", "run", "usage"))
