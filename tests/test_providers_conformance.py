@@ -846,7 +846,7 @@ async def test_gemini_error_status_inside_a_stream_keeps_its_class(scripted: Any
     with pytest.raises(errors.BadRequestError) as ei:
         async for _ in make(GEMINI, scripted).astream(QUESTION):
             pass
-    assert ei.value.code == "400"  # Google puts the HTTP status in `code`; the class comes from `status`
+    assert ei.value.code == "INVALID_ARGUMENT"  # the structured status, not the numeric HTTP code
 
 
 async def test_gemini_tool_result_without_a_known_name_is_refused(scripted: Any) -> None:

@@ -210,3 +210,23 @@ def test_large_retry_after_falls_back_to_backoff():
     p = RetryPolicy(2, rand=lambda: 0.0)
     assert p.delay(0, 120.0) == 0.5  # over 60 s: ignored, like the official SDKs
     assert p.delay(1, 0) == 1.0
+
+
+def test_google_error_details_are_read():
+    def body(status, code, *details):
+        return {"error": {"code": code, "status": status, "message": "m", "details": list(details)}}
+
+    info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID", "domain": "googleapis.com"}
+    e = dsrs.errors.from_response(400, body("INVALID_ARGUMENT", 400, info), provider="gemini", model="g")
+    assert isinstance(e, dsrs.AuthenticationError)
+
+    retry = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "34s"}
+    minute = {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+              "violations": [{"quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}]}  # fmt: skip
+    e = dsrs.errors.from_response(429, body("RESOURCE_EXHAUSTED", 429, minute, retry), provider="gemini", model="g")
+    assert isinstance(e, dsrs.RateLimitError) and e.retry_after == 34.0 and e.code == "RESOURCE_EXHAUSTED"
+
+    day = {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+           "violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]}  # fmt: skip
+    e = dsrs.errors.from_response(429, body("RESOURCE_EXHAUSTED", 429, day), provider="gemini", model="g")
+    assert isinstance(e, dsrs.QuotaExceededError)

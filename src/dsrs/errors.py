@@ -179,6 +179,7 @@ _BY_CODE: dict[str, type[APIError]] = {
     "not_found_error": NotFoundError,
     "model_not_found": NotFoundError,
     "RESOURCE_EXHAUSTED": RateLimitError,  # Gemini
+    "API_KEY_INVALID": AuthenticationError,  # Gemini ErrorInfo reason (with a 400 INVALID_ARGUMENT)
     # Google RPC statuses: the class also when the error comes inside a 200 stream
     "INVALID_ARGUMENT": BadRequestError,
     "FAILED_PRECONDITION": BadRequestError,  # e.g. Gemini free tier not available in the region
@@ -199,9 +200,32 @@ def error_fields(body: Any) -> tuple[str | None, str | None, str]:
     if not isinstance(err, dict):
         return None, None, ""
     code = err.get("code")
+    if isinstance(code, int) and isinstance(err.get("status"), str):  # Google: {"code": 429, "status": "..."}
+        code = err["status"]
     etype = err.get("type") or err.get("status")
     msg = err.get("message") or body.get("message") or ""
     return (str(code) if code is not None else None), (str(etype) if etype else None), str(msg)[:300]
+
+
+def _google_details(body: Any) -> tuple[str | None, float | None, bool]:
+    """From Google RPC error `details`: the ErrorInfo reason, the RetryInfo delay, a per-day QuotaFailure."""
+    err = body.get("error") if isinstance(body, dict) else None
+    details = err.get("details") if isinstance(err, dict) else None
+    reason, delay, per_day = None, None, False
+    for d in details if isinstance(details, list) else ():
+        if not isinstance(d, dict):
+            continue
+        kind = str(d.get("@type", ""))
+        if kind.endswith("google.rpc.ErrorInfo"):
+            reason = d.get("reason")
+        elif kind.endswith("google.rpc.RetryInfo") and isinstance(d.get("retryDelay"), str):
+            try:
+                delay = float(d["retryDelay"].rstrip("s"))
+            except ValueError:
+                pass
+        elif kind.endswith("google.rpc.QuotaFailure"):
+            per_day = any("PerDay" in str(v.get("quotaId", "")) for v in d.get("violations") or () if isinstance(v, dict))
+    return reason, delay, per_day
 
 
 def from_response(
@@ -214,7 +238,12 @@ def from_response(
 ) -> APIError:
     """The typed error for an HTTP error response."""
     code, etype, msg = error_fields(body)
-    cls = _BY_CODE.get(code or "") or _BY_CODE.get(etype or "")
+    reason, delay, per_day = _google_details(body)
+    if retry_after is None:
+        retry_after = delay
+    cls = _BY_CODE.get(reason or "") or _BY_CODE.get(code or "") or _BY_CODE.get(etype or "")
+    if cls is RateLimitError and per_day:
+        cls = QuotaExceededError  # a daily quota will not come back after a short wait
     if cls is None:
         cls = _BY_STATUS.get(status) or (ProviderUnavailableError if status >= 500 else APIError)
     hint = _HINTS.get(cls)
