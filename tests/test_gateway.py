@@ -1,0 +1,373 @@
+"""The gateway in one process: the official openai SDK, unmodified, against lanes on the real llama.cpp
+server and on the scripted server (whose recorded requests show exactly what reached the upstream)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+
+from conftest import FEW_SHOT
+from gateway_fixture import CLIENT_KEY, OTHER_KEY, InProcessGateway, free_port, get
+from scripted import Reply, chat_reply
+
+
+@pytest.fixture(autouse=True)
+def _upstream_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UPSTREAM_KEY", "sk-upstream-secret-42")
+
+
+def _llama_lane(llama_server: Any, **opts: Any) -> dict[str, Any]:
+    return {"lm": "llamacpp/gemma", "base_url": llama_server.url + "/v1",
+            "options": {"temperature": 0.0, "max_tokens": 8, **opts}}  # fmt: skip
+
+
+def _scripted_lane(scripted: Any, **opts: Any) -> dict[str, Any]:
+    return {"lm": "openai/gpt-4o-mini", "base_url": scripted.url + "/v1", "api_key_env": "UPSTREAM_KEY",
+            "options": {"retries": 0, **opts}}  # fmt: skip
+
+
+@pytest.fixture
+def gateway(llama_server: Any, scripted: Any) -> Iterator[InProcessGateway]:
+    gw = InProcessGateway({
+        "cache": {"enabled": False},
+        "lanes": {"local": _llama_lane(llama_server), "remote": _scripted_lane(scripted)},
+        "models": {"gpt-5.5": {"lanes": ["local"]}},
+        "budgets": {"team": {"limit_msats": 2_000}},
+        "keys": {"alice": {"key_env": "CLIENT_KEY"},
+                 "bob": {"key_env": "OTHER_KEY", "budget": "team", "rpm": 4, "models": ["remote"]}},
+    })  # fmt: skip
+    yield gw
+    gw.close()
+
+
+def sdk(gw: InProcessGateway, key: str = CLIENT_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+
+
+def post(url: str, body: bytes, key: str | None = CLIENT_KEY, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    h = {"Content-Type": "application/json", **(headers or {})}
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=body, headers=h, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+# -- the real llama.cpp server behind the gateway -------------------------------------------------
+def test_chat_completion_through_the_gateway(gateway: InProcessGateway, llama_server: Any) -> None:
+    r = sdk(gateway).chat.completions.create(model="local", messages=[{"role": "user", "content": FEW_SHOT}], max_tokens=4)
+    direct = llama_server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": FEW_SHOT}],
+                                                        "max_tokens": 4, "temperature": 0.0})  # fmt: skip
+    assert r.object == "chat.completion" and r.model == "local"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == direct["choices"][0]["message"]["content"]
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.prompt_tokens == direct["usage"]["prompt_tokens"]
+    assert r.usage.completion_tokens == direct["usage"]["completion_tokens"] == 4
+    assert r.choices[0].finish_reason == "length"
+    extra = r.model_extra["dsrs"]
+    assert extra["lane"] == "local" and extra["provider"] == "llamacpp" and extra["cost_msats"] == 0
+
+
+def test_chat_stream_through_the_gateway(gateway: InProcessGateway) -> None:
+    client = sdk(gateway)
+    full = client.chat.completions.create(model="gpt-5.5", messages=[{"role": "user", "content": FEW_SHOT}], max_tokens=6)
+    chunks = list(client.chat.completions.create(model="gpt-5.5", messages=[{"role": "user", "content": FEW_SHOT}],
+                                                 max_tokens=6, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content and "Paris" in text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_responses_through_the_gateway(gateway: InProcessGateway) -> None:
+    client = sdk(gateway)
+    r = client.responses.create(model="local", input=FEW_SHOT, max_output_tokens=4)
+    assert r.object == "response" and "Paris" in r.output_text
+    assert r.usage.output_tokens == 4 and r.usage.input_tokens > 10
+    with client.responses.stream(model="local", input=[{"role": "user", "content": [{"type": "input_text", "text": FEW_SHOT}]}],
+                                 max_output_tokens=4) as s:  # fmt: skip
+        kinds = [ev.type for ev in s]
+        final = s.get_final_response()
+    assert final.output_text == r.output_text
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "response.output_text.delta" in kinds and "response.output_item.done" in kinds
+    assert final.usage.output_tokens == 4
+
+
+def test_models_health_metrics(gateway: InProcessGateway) -> None:
+    ids = {m.id: m.model_extra["dsrs"] for m in sdk(gateway).models.list()}
+    assert ids["gpt-5.5"]["lanes"] == ["local"] and ids["remote"]["model"] == "gpt-4o-mini"
+    assert [m.id for m in sdk(gateway, OTHER_KEY).models.list()] == ["remote"]  # bob may only use "remote"
+    status, health = get(gateway.url + "/health")
+    assert status == 200 and health["status"] == "ok" and health["redis"] is None and health["budget_mode"] == "local"
+    sdk(gateway).chat.completions.create(model="local", messages=[{"role": "user", "content": FEW_SHOT}], max_tokens=2)
+    status, text = get(gateway.url + "/metrics")
+    assert status == 200
+    assert 'dsrs_lane_calls_total{lane="local"} 1' in text
+    assert 'dsrs_lane_tokens_total{kind="completion",lane="local"} 2' in text
+    assert 'dsrs_gateway_requests_total{endpoint="/v1/chat/completions",status="200"} 1' in text
+
+
+# -- client keys, bad input -----------------------------------------------------------------------
+def test_missing_or_wrong_key_is_401_and_nothing_reaches_the_upstream(gateway: InProcessGateway, scripted: Any) -> None:
+    scripted.script(default=chat_reply("should not happen"))
+    for key in ("sk-wrong", CLIENT_KEY + "x"):
+        with pytest.raises(openai.AuthenticationError) as ei:
+            sdk(gateway, key).chat.completions.create(model="remote", messages=[{"role": "user", "content": "hi"}])
+        assert ei.value.status_code == 401 and ei.value.code == "invalid_api_key"
+    status, body = post(gateway.url + "/v1/responses", b'{"model": "remote", "input": "hi"}', key=None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        sdk(gateway, "nope").models.list()
+    assert scripted.requests == []
+    assert gateway.runtime.budgets["team"].spent_msats == 0
+    assert gateway.runtime.budgets["team"].open_reservations == 0
+
+
+def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(gateway: InProcessGateway, scripted: Any) -> None:
+    url = gateway.url + "/v1/chat/completions"
+    status, body = post(url, b'{"model": "remote", "messages": [')
+    assert status == 400 and body["error"]["code"] == "invalid_json" and body["error"]["type"] == "invalid_request_error"
+    status, body = post(url, b'[1, 2]')
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    status, body = post(url, json.dumps({"model": "remote", "messages": []}).encode())
+    assert status == 400 and body["error"]["param"] == "messages"
+    status, body = post(url, json.dumps({"model": "remote", "messages": [{"role": "user", "content": "x"}], "n": 3}).encode())
+    assert status == 400 and body["error"]["code"] == "unsupported_parameter" and body["error"]["param"] == "n"
+    status, body = post(url, json.dumps({"model": "remote", "messages": [{"role": "user", "content": "x"}], "frobnicate": 1}).encode())
+    assert status == 400 and body["error"]["code"] == "unknown_parameter"
+    status, body = post(url, json.dumps({"model": "remote", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:"}}]}]}).encode())  # fmt: skip
+    assert status == 400 and body["error"]["code"] == "unsupported_content"
+    status, body = post(url, json.dumps({"model": "remote", "messages": [{"role": "user", "content": "x" * 5_000_000}]}).encode())
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    with pytest.raises(openai.NotFoundError) as ei:
+        sdk(gateway).chat.completions.create(model="gpt-9-ultra", messages=[{"role": "user", "content": "x"}])
+    assert ei.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):  # bob's key may not use "local"
+        sdk(gateway, OTHER_KEY).chat.completions.create(model="local", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as ei:
+        sdk(gateway).chat.completions.create(model="remote", messages=[{"role": "user", "content": "x"}], temperature=7)
+    assert ei.value.param == "temperature"
+    status, body = get(gateway.url + "/v1/nothing-here")
+    assert status == 404 and body["error"]["type"] == "not_found"
+    assert scripted.requests == []
+    scripted.script(chat_reply("still here"))
+    r = sdk(gateway).chat.completions.create(model="remote", messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content == "still here"
+
+
+def test_upstream_errors_map_to_openai_errors(gateway: InProcessGateway, scripted: Any) -> None:
+    client = sdk(gateway)
+    msgs = [{"role": "user", "content": "x"}]
+    scripted.script(Reply(429, {"error": {"message": "You exceeded your current quota", "type": "insufficient_quota",
+                                          "code": "insufficient_quota"}}))  # fmt: skip
+    with pytest.raises(openai.RateLimitError) as ei:
+        client.chat.completions.create(model="remote", messages=msgs)
+    assert ei.value.code == "insufficient_quota"
+    scripted.script(Reply(401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}))
+    with pytest.raises(openai.InternalServerError) as ei:  # the upstream's key, not the client's: 502
+        client.chat.completions.create(model="remote", messages=msgs)
+    assert ei.value.status_code == 502 and ei.value.code == "upstream_authentication"
+    assert "sk-upstream-secret-42" not in str(ei.value.body)
+    scripted.script(Reply(400, {"error": {"message": "maximum context length is 128000 tokens",
+                                          "code": "context_length_exceeded"}}))  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="remote", messages=msgs)
+    assert ei.value.code == "context_length_exceeded"
+    scripted.script(Reply(503, {"error": {"message": "overloaded"}}))
+    with pytest.raises(openai.InternalServerError) as ei:
+        client.chat.completions.create(model="remote", messages=msgs)
+    assert ei.value.status_code == 502
+    assert [r.headers["authorization"] for r in scripted.requests] == ["Bearer sk-upstream-secret-42"]
+
+
+def test_tools_round_trip_on_both_wires(gateway: InProcessGateway, scripted: Any) -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+    call = {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    reply = Reply(json={"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini",
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                                     "finish_reason": "tool_calls"}],
+                        "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}})  # fmt: skip
+    scripted.script(reply, reply)
+    r = sdk(gateway).chat.completions.create(model="remote", messages=[{"role": "user", "content": "weather?"}],
+                                             tools=[tool], tool_choice="auto", max_tokens=50)  # fmt: skip
+    tc = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert (tc.id, tc.function.name, json.loads(tc.function.arguments)) == ("call_7", "get_weather", {"city": "Paris"})
+    sent = scripted.requests[0].json
+    assert sent["tools"] == [tool] and sent["tool_choice"] == "auto" and sent["max_completion_tokens"] == 50
+    assert sent["messages"] == [{"role": "user", "content": "weather?"}]
+
+    resp = sdk(gateway).responses.create(
+        model="remote", instructions="be brief",
+        input=[{"role": "user", "content": "weather?"},
+               {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+               {"type": "function_call_output", "call_id": "call_1", "output": "cold"}],
+        tools=[{"type": "function", "name": "get_weather", "description": "weather in a city",
+                "parameters": tool["function"]["parameters"]}, {"type": "web_search"}],
+    )  # fmt: skip
+    fc = [o for o in resp.output if o.type == "function_call"][0]
+    assert (fc.call_id, fc.name, fc.arguments) == ("call_7", "get_weather", '{"city": "Paris"}')
+    sent = scripted.requests[1].json
+    assert sent["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                                                              "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "content": "cold", "tool_call_id": "call_1"},
+    ]  # fmt: skip
+    assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather"]  # hosted tools are not offered to lanes
+
+
+# -- budgets and rate limits (in-process state) ---------------------------------------------------
+def test_key_budget_refuses_before_sending(gateway: InProcessGateway, scripted: Any) -> None:
+    # worst case of one call = prompt estimate + 1000 output tokens at gpt-4o-mini list price ~ 603 msats
+    scripted.script(default=chat_reply("ok", prompt_tokens=5, completion_tokens=1000))
+    client = sdk(gateway, OTHER_KEY)
+    ok = 0
+    with pytest.raises(openai.RateLimitError) as ei:
+        for _ in range(5):
+            client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "hello"}], max_tokens=1000)
+            ok += 1
+    assert ei.value.code == "budget_exceeded" and ei.value.type == "insufficient_quota"
+    assert ei.value.response.headers["x-should-retry"] == "false"
+    team = gateway.runtime.budgets["team"]
+    assert ok == 3 == len(scripted.requests)
+    assert team.spent_msats == 3 * 601 <= team.limit_msats and team.open_reservations == 0
+
+
+def test_rate_limit_per_key(gateway: InProcessGateway, scripted: Any) -> None:
+    scripted.script(default=chat_reply("ok"))
+    client = sdk(gateway, OTHER_KEY)
+    seen = []
+    for _ in range(5):
+        try:
+            client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "hello"}], max_tokens=5)
+            seen.append(200)
+        except openai.RateLimitError as e:
+            seen.append(e.code)
+            assert 1 <= int(e.response.headers["retry-after"]) <= 60
+    # rpm = 4 per clock minute: the fifth is refused (unless a minute boundary fell in between)
+    assert seen[:4] == [200] * 4
+    assert seen[4] == "rate_limit_exceeded" or len(scripted.requests) == 5
+    assert len(scripted.requests) == seen.count(200)
+
+
+# -- a client disconnecting mid-stream ------------------------------------------------------------
+class SlowUpstream:
+    """An OpenAI chat server that streams one chunk, then waits; records when its stream is cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.started = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.port = free_port()
+        ready = threading.Event()
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            await request.read()
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            chunk = {"id": "c", "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": "Hello"}}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+            return resp
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", handle)
+            self.runner = web.AppRunner(app, handler_cancellation=True)
+            self.loop.run_until_complete(self.runner.setup())
+            self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_client_disconnect_mid_stream_cancels_the_upstream(scripted: Any) -> None:
+    up = SlowUpstream()
+    gw = InProcessGateway({
+        "cache": {"enabled": False},
+        "lanes": {"slow": {"lm": "openai/gpt-4o-mini", "base_url": f"http://127.0.0.1:{up.port}/v1",
+                           "api_key_env": "UPSTREAM_KEY", "options": {"retries": 0, "max_tokens": 100}},
+                  "remote": _scripted_lane(scripted)},
+        "budgets": {"all": {"limit_msats": 10_000}},
+        "gateway": {"budget": "all"},
+        "keys": {"alice": {"key_env": "CLIENT_KEY"}},
+    })  # fmt: skip
+    try:
+        body = json.dumps({"model": "slow", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        with socket.create_connection(("127.0.0.1", gw.port)) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                      + b"\r\n\r\n" + body)  # fmt: skip
+            got = b""
+            while b"Hello" not in got:
+                got += s.recv(4096)
+            assert b"200 OK" in got and b"text/event-stream" in got
+            budget = gw.runtime.budgets["all"]
+            assert budget.open_reservations == 1 and budget.reserved_msats > 0
+        assert up.cancelled.wait(30), "the upstream stream was not cancelled"
+        # the guard's rule for an abandoned call: no open reservation left; its worst case is kept as spent
+        for _ in range(300):
+            if budget.open_reservations == 0:
+                break
+            threading.Event().wait(0.01)
+        assert budget.open_reservations == 0 and budget.reserved_msats == 0
+        scripted.script(chat_reply("after"))
+        r = sdk(gw).chat.completions.create(model="remote", messages=[{"role": "user", "content": "x"}], max_tokens=5)
+        assert r.choices[0].message.content == "after"
+    finally:
+        gw.close()
+        up.close()
+
+
+def test_config_errors_are_clear() -> None:
+    from dsrs.errors import ConfigurationError
+    from dsrs.gateway.config import parse
+
+    lane = {"lm": "openai/gpt-4o-mini"}
+    cases = [
+        ({"lanes": {}}, "no lanes"),
+        ({"lanes": {"a": lane}}, "require_keys is on but no client keys"),
+        ({"lanes": {"a": lane}, "keys": {"k": {"key_env": "NOPE_UNSET"}}}, "NOPE_UNSET is empty or unset"),
+        ({"lanes": {"a": {"lm": "openai/x", "budget": "zzz"}}, "gateway": {"require_keys": False}}, "budget 'zzz' is not defined"),
+        ({"lanes": {"a": lane}, "models": {"m": {"lanes": ["b"]}}, "gateway": {"require_keys": False}}, "lanes must name defined lanes"),
+        ({"lanes": {"a": lane}, "redis": {"on_down": "maybe"}, "gateway": {"require_keys": False}}, "on_down"),
+        ({"lanes": {"a": {**lane, "colour": 1}}, "gateway": {"require_keys": False}}, "unknown setting 'colour'"),
+    ]
+    for doc, words in cases:
+        with pytest.raises(ConfigurationError, match=words):
+            parse(doc, env={})
