@@ -321,3 +321,40 @@ async def test_round_trip_latency_with_payment(net: Net, capsys: pytest.CaptureF
     with capsys.disabled():
         print(f"\nswarm round trip with payment (loopback): p50 {statistics.median(times):.1f} ms, "
               f"max {max(times):.1f} ms over {len(times)} jobs")
+
+
+async def test_swarm_over_a_relay_that_requires_nip42_auth() -> None:
+    n = await start_net(require_auth=True)
+    try:
+        out, _ = await run_with(n, honest)
+        assert out.text == "ok" and out.usage.cost_msats == PRICE
+        assert any(m[0] == "AUTH" for m in n.relay.received)
+    finally:
+        await stop_net(n)
+
+
+async def test_bounds_on_content_size_and_event_count(net: Net) -> None:
+    import dataclasses
+
+    from dsrs.pylon import swarm
+
+    async def big(fp: FakeProvider, job: Any) -> None:
+        await fp.result(job, "x" * 200)
+
+    async def chatty(fp: FakeProvider, job: Any) -> None:
+        for _ in range(5):
+            await fp.send(fp.feedback_event(job, "processing", extra=f"step {_}"))
+
+    cfg = client(net, timeout=0.6).swarm_config()
+    req = client(net).request("q")
+    for script, cfg2, err, why in (
+        (big, dataclasses.replace(cfg, max_content=100), TimeoutError, "content too large"),
+        (chatty, dataclasses.replace(cfg, max_events=3), SwarmJobError, "more than 3 events"),
+    ):
+        fp = await FakeProvider(net, script).start()
+        try:
+            with pytest.raises(err, match=why):
+                await swarm.run(cfg2, req)
+        finally:
+            await fp.stop()
+    assert net.paid() == 0

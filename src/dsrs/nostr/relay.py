@@ -77,6 +77,7 @@ class Relay:
         self._oks: dict[str, asyncio.Future[tuple[bool, str]]] = {}
         self._authed = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._bg: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"Relay({self.url!r})"
@@ -170,8 +171,10 @@ class Relay:
             sub = self._subs.get(msg[1])
             reason = str(msg[2]) if len(msg) > 2 else ""
             if sub is not None:
-                if reason.startswith("auth-required") and await self._wait_auth(5.0):
-                    await self._send(["REQ", sub.id, *sub.filters])
+                if reason.startswith("auth-required"):  # resend once authenticated (not in the reader)
+                    t = asyncio.create_task(self._resubscribe_after_auth(sub))
+                    self._bg.add(t)
+                    t.add_done_callback(self._bg.discard)
                 else:
                     sub.closed_reason = reason or "closed by relay"
                     sub.eose.set()
@@ -183,6 +186,14 @@ class Relay:
             self._oks[ev.id] = fut
             fut.add_done_callback(lambda f: self._auth_done(ev.id, f))
             await self._send(["AUTH", ev.to_json()])
+
+    async def _resubscribe_after_auth(self, sub: Subscription) -> None:
+        if await self._wait_auth(self.open_timeout) and sub.id in self._subs:
+            with contextlib.suppress(RelayError):
+                await self._send(["REQ", sub.id, *sub.filters])
+        else:
+            sub.closed_reason = "auth-required"
+            sub.eose.set()
 
     def _auth_done(self, eid: str, f: asyncio.Future[tuple[bool, str]]) -> None:
         self._oks.pop(eid, None)
@@ -239,6 +250,8 @@ class Relay:
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await self._ws.close()
+        for t in list(self._bg):
+            t.cancel()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(BaseException):
