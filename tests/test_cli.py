@@ -189,3 +189,24 @@ def test_run_on_the_embedded_model_with_demos_then_usage(env, tmp_path):
 def test_help_lists_the_commands(env):
     r = dsrs(env, "--help")
     assert r.returncode == 0 and all(c in r.stdout for c in ("ask", "doctor", "run", "usage"))
+
+
+def test_run_with_a_signature_class(env, tmp_path, scripted):
+    (tmp_path / "sigs.py").write_text(
+        "from dsrs import Signature, InputField, OutputField\n"
+        "class Sentiment(Signature):\n"
+        '    """Classify the sentiment."""\n'
+        "    text: str = InputField()\n"
+        "    label: bool = OutputField(desc='positive?')\n"
+    )
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_jsonl(inp, [{"text": "great"}])
+    env.update(LLAMACPP_BASE_URL=scripted.url + "/v1", PYTHONPATH=str(tmp_path))
+    scripted.script(chat_reply("[[ label ]]\nyes\n\n[[ end ]]"))
+    r = subprocess.run([sys.executable, "-m", "dsrs.cli", "run", "sigs:Sentiment", "-i", str(inp), "-o", str(out),
+                        "-m", "llamacpp/chat"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert _read_jsonl(out) == [{"text": "great", "_line": 1, "label": True}]
+    assert scripted.requests[0].json["messages"][0]["content"].startswith("Classify the sentiment.")
+    bad = dsrs(env, "run", "sigs:Nope", "-i", str(inp), "-o", str(out))
+    assert bad.returncode == 1 and bad.stderr.startswith("dsrs: cannot load the signature 'sigs:Nope'")

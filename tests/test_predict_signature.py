@@ -187,3 +187,23 @@ def test_string_signature_round_trip(names_seed, with_type):
     sig = Signature(spec)
     assert Signature(str(sig)) == sig
     assert [f.name for f in sig.inputs] == inputs and [f.name for f in sig.outputs] == outputs
+
+
+# -- adapters read back exactly what they write (the demo formats) --------------------------
+_line = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=30).filter(
+    lambda s: s.strip() == s and "[[" not in s and "]]" not in s
+)
+
+
+@given(st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.lists(st.integers(), max_size=5), _line)
+def test_adapters_read_back_what_they_write(n, x, b, xs, s):
+    from dsrs.predict import ChatAdapter, CompletionAdapter, JSONAdapter
+    from dsrs.predict.adapters.base import marked
+    from dsrs.predict.adapters.completion import block
+
+    sig = Signature("q -> n: int, x: float, b: bool, xs: list[int], s: str")
+    row = {"n": n, "x": x, "b": b, "xs": xs, "s": s}
+    assert ChatAdapter().parse(sig, marked(sig.outputs, row) + "\n\n[[ end ]]") == row
+    assert JSONAdapter().parse(sig, json.dumps(row)) == row
+    written = block(sig.outputs, row)
+    assert CompletionAdapter().parse(sig, written[len("N:") :]) == row
