@@ -166,7 +166,7 @@ _FINISH = """
 local amount = redis.call('HGET', KEYS[2], ARGV[1])
 if not amount then return 0 end
 redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'reserved', -tonumber(amount))
+redis.call('HINCRBY', KEYS[1], 'reserved', 0 - tonumber(amount))
 redis.call('HINCRBY', KEYS[1], 'open', -1)
 if ARGV[2] == '' then
   redis.call('HINCRBY', KEYS[1], 'released', 1)

@@ -1,0 +1,232 @@
+"""Shared state through a real redis-server: the Redis budget behaves exactly like the in-process one,
+two gateway processes share one budget and one cache, and Redis dying mid-run fails closed."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import uuid
+from typing import Any
+
+import openai
+import pytest
+
+from dsrs.budget import Budget
+from dsrs.cache import Cache
+from dsrs.errors import BudgetExceededError
+from dsrs.redis_state import RateLimiter, RedisBudget, RedisLedger, RedisState, RedisStore
+from dsrs.types import Completion, LmUsage
+from gateway_fixture import CLIENT_KEY, OTHER_KEY, GatewayProcess, InProcessGateway, get
+from redis_fixture import RedisServer, redis_server  # noqa: F401 - the fixture
+from scripted import chat_reply
+
+
+@pytest.fixture(autouse=True)
+def _upstream_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UPSTREAM_KEY", "sk-upstream-secret-42")
+
+
+def _state(srv: RedisServer) -> RedisState:
+    return RedisState(srv.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+
+
+# -- the pieces ----------------------------------------------------------------------------------
+def test_redis_budget_matches_the_in_process_budget(redis_server: RedisServer) -> None:
+    """The same random sequence of reserve/settle/release on both gives the same books and verdicts."""
+    rnd = random.Random(7)
+    for soft, allow in ((False, False), (False, True), (True, False)):
+        local = Budget(5_000, soft=soft, allow_unpriced=allow, on_soft_limit=lambda b, n: None)
+        shared = RedisBudget(_state(redis_server), "b", 5_000, soft=soft, allow_unpriced=allow,
+                             on_soft_limit=lambda b, n: None)  # fmt: skip
+        held: list[tuple[Any, Any]] = []
+        for _ in range(300):
+            op = rnd.random()
+            if op < 0.5 or not held:
+                wc = None if rnd.random() < 0.1 else rnd.randrange(0, 1500)
+                out = []
+                for b in (local, shared):
+                    try:
+                        out.append(b.reserve(wc))
+                    except BudgetExceededError as e:
+                        out.append(e.code)
+                assert [x if isinstance(x, str) else "ok" for x in out] == [x if isinstance(x, str) else "ok" for x in out[::-1]]
+                if not isinstance(out[0], str):
+                    held.append((out[0], out[1]))
+            else:
+                a, b = held.pop(rnd.randrange(len(held)))
+                how = rnd.random()
+                actual = rnd.choice([None, 0, a.amount // 2, a.amount])
+                for r in (a, b):
+                    r.release() if how < 0.3 else r.settle(actual)
+                    r.settle(5)  # a second finish is a no-op on both
+            counts = shared.state_counts()
+            assert (counts["spent"], counts["reserved"], counts["open"]) == (local.spent_msats, local.reserved_msats,
+                                                                             local.open_reservations)  # fmt: skip
+            assert (shared.calls, shared.released, shared.unpriced_calls) == (local.calls, local.released,
+                                                                              local.unpriced_calls)  # fmt: skip
+            assert shared.available_msats == local.available_msats
+        if not soft:
+            assert local.spent_msats + local.reserved_msats <= 5_000
+
+
+def test_redis_budget_is_atomic_across_clients(redis_server: RedisServer) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    budgets = [RedisBudget(RedisState(redis_server.url, prefix=prefix), "shared", 10_000) for _ in range(4)]
+
+    def worker(b: RedisBudget) -> int:
+        got = 0
+        for _ in range(60):
+            try:
+                r = b.reserve(300)
+            except BudgetExceededError:
+                continue
+            r.settle(290)
+            got += 1
+        return got
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        total = sum(ex.map(worker, budgets * 2))
+    c = budgets[0].state_counts()
+    assert c["spent"] == 290 * total <= 10_000 and c["open"] == 0 and c["reserved"] == 0
+    assert total == 34  # 34 * 290 = 9860; a 35th needs 300 more than the 140 left
+
+
+def test_redis_store_shares_answers_between_caches(redis_server: RedisServer) -> None:
+    state = _state(redis_server)
+    a, b = Cache(store=RedisStore(state)), Cache(store=RedisStore(state))
+    c = Completion("Paris", LmUsage(5, 1, 6, cost_msats=3, calls=1), model="m", provider="p", id="x")
+    a.put("k1", c)
+    hit = b.get("k1")
+    assert hit is not None and hit.text == "Paris" and hit.usage.cache_hit and hit.usage.cost_msats == 0
+    assert b.get("k2") is None
+    raw = state.client.get(state.key("cache", "k1"))
+    assert raw.startswith("{") and '"Paris"' in raw  # JSON text, never pickle
+
+
+def test_rate_limiter_and_ledger(redis_server: RedisServer) -> None:
+    state = _state(redis_server)
+    one, two = RateLimiter(state), RateLimiter(RedisState(redis_server.url, prefix=state.prefix))
+    t = 1_000_000 * 60 + 5.0
+    assert [one.hit("k", 3, t), two.hit("k", 3, t), one.hit("k", 3, t)] == [None, None, None]
+    assert two.hit("k", 3, t) == 55.0
+    assert one.hit("k", 3, t + 60) is None  # the next minute
+    led = RedisLedger(state)
+    for lane, cost in (("local", 0), ("remote", 601), ("remote", 599)):
+        led.record(Completion("x", LmUsage(5, 1000, 1005, cost_msats=cost, calls=1), provider="openai", model="m"),
+                   lane=lane, program="key:alice")  # fmt: skip
+    s = {x.key: (x.calls, x.cost_msats, x.completion_tokens) for x in led.summary(by="lane")}
+    assert s == {"local": (1, 0, 1000), "remote": (2, 1200, 2000)}
+    assert [x.key for x in led.summary(by="program")] == ["key:alice"]
+
+
+# -- gateway processes sharing one Redis --------------------------------------------------------
+def _doc(scripted: Any, srv: RedisServer, **redis: Any) -> dict[str, Any]:
+    return {
+        "redis": {"url": srv.url, **redis},
+        "lanes": {"remote": {"lm": "openai/gpt-4o-mini", "base_url": scripted.url + "/v1",
+                             "api_key_env": "UPSTREAM_KEY", "options": {"retries": 0}}},
+        "budgets": {"shared": {"limit_msats": 10_000}},
+        "gateway": {"budget": "shared"},
+        "keys": {"alice": {"key_env": "CLIENT_KEY"}, "bob": {"key_env": "OTHER_KEY", "rpm": 3}},
+    }  # fmt: skip
+
+
+def test_two_gateway_processes_share_one_budget_and_cache(scripted: Any) -> None:
+    srv = RedisServer.start()
+    gws: list[GatewayProcess] = []
+    try:
+        # each call: worst case ~603 msats (1000 output tokens), actual 601
+        scripted.script(default=chat_reply("ok", prompt_tokens=5, completion_tokens=1000))
+        doc = _doc(scripted, srv)
+        gws = [GatewayProcess(doc), GatewayProcess(doc)]
+        clients = [openai.OpenAI(base_url=g.url + "/v1", api_key=CLIENT_KEY, max_retries=0) for g in gws]
+
+        def call(i: int) -> Any:
+            try:
+                r = clients[i % 2].chat.completions.create(
+                    model="remote", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=1000)
+                return r.model_extra["dsrs"]["cost_msats"]
+            except openai.RateLimitError as e:
+                return e.code
+
+        with concurrent.futures.ThreadPoolExecutor(16) as ex:
+            out = list(ex.map(call, range(48)))
+        costs = [x for x in out if isinstance(x, int)]
+        assert set(out) - set(costs) == {"budget_exceeded"}
+        state = RedisState(srv.url)
+        books = RedisBudget(state, "shared", 10_000).state_counts()
+        assert books["spent"] == sum(costs) == 601 * len(costs) <= 10_000
+        assert books["open"] == 0 and books["reserved"] == 0
+        assert len(scripted.requests) == len(costs) >= 14  # nothing refused was sent; no overspend either
+        # the answers were cached in Redis: a question answered by one process is a free hit on the other
+        i = next(i for i, x in enumerate(out) if isinstance(x, int))
+        n = len(scripted.requests)
+        r = clients[(i + 1) % 2].chat.completions.create(
+            model="remote", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=1000)
+        assert r.model_extra["dsrs"]["cache_hit"] is True and r.model_extra["dsrs"]["cost_msats"] == 0
+        assert r.choices[0].message.content == "ok" and len(scripted.requests) == n
+        # rate limits are shared too: bob has 3 a minute across both processes
+        bob = [openai.OpenAI(base_url=g.url + "/v1", api_key=OTHER_KEY, max_retries=0) for g in gws]
+        codes = []
+        for i in range(4):
+            try:
+                bob[i % 2].chat.completions.create(model="remote", messages=[{"role": "user", "content": "question 1"}],
+                                                   max_tokens=1000)  # fmt: skip
+                codes.append("ok")
+            except openai.RateLimitError as e:
+                codes.append(e.code)
+        assert codes[:3] == ["ok", "ok", "ok"]
+        assert codes[3] in ("rate_limit_exceeded", "ok")  # "ok" only if a minute boundary fell in between
+        # the usage ledger has every call, by client key and lane
+        rows = RedisLedger(state).rows()
+        assert sum(r.program == "key:alice" for r in rows) == len(costs) + 1
+        assert {r.lane for r in rows} == {"remote"}
+        status, metrics = get(gws[0].url + "/metrics")
+        assert "dsrs_gateway_redis_up 1" in metrics
+    finally:
+        for g in gws:
+            g.close()
+        srv.kill()
+
+
+def test_redis_dying_mid_run_fails_closed_and_health_says_so(scripted: Any) -> None:
+    srv = RedisServer.start()
+    gw = InProcessGateway(_doc(scripted, srv))
+    try:
+        scripted.script(default=chat_reply("ok", prompt_tokens=5, completion_tokens=10))
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+        client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "a"}], max_tokens=20)
+        status, health = get(gw.url + "/health")
+        assert status == 200 and health["redis"]["up"] is True and health["budget_mode"] == "shared"
+        srv.kill()
+        with pytest.raises(openai.InternalServerError) as ei:
+            client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "b"}], max_tokens=20)
+        assert ei.value.status_code == 503 and ei.value.code == "budget_unavailable"
+        assert len(scripted.requests) == 1  # refused before sending
+        status, health = get(gw.url + "/health")
+        assert status == 503 and health["status"] == "degraded"
+        assert health["redis"]["up"] is False and health["budget_mode"] == "fail_closed"
+        status, metrics = get(gw.url + "/metrics")
+        assert "dsrs_gateway_redis_up 0" in metrics
+    finally:
+        gw.close()
+        srv.kill()
+
+
+def test_redis_dying_with_on_down_local_books_in_process(scripted: Any) -> None:
+    srv = RedisServer.start()
+    gw = InProcessGateway(_doc(scripted, srv, on_down="local"))
+    try:
+        scripted.script(default=chat_reply("ok", prompt_tokens=5, completion_tokens=10))
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+        client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "a"}], max_tokens=20)
+        srv.kill()
+        r = client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "b"}], max_tokens=20)
+        assert r.choices[0].message.content == "ok" and len(scripted.requests) == 2
+        status, health = get(gw.url + "/health")
+        assert status == 200 and health["budget_mode"] == "local_fallback" and health["redis"]["up"] is False
+        local = gw.runtime.budgets["shared"]._local
+        assert local is not None and local.spent_msats == r.model_extra["dsrs"]["cost_msats"] > 0
+    finally:
+        gw.close()
+        srv.kill()
