@@ -67,6 +67,7 @@ def test_ask_on_an_auto_detected_lane(env):
         (("ask", "hi", "--model", "nowhere/model"), "dsrs: unknown provider 'nowhere' in 'nowhere/model'"),
         (("ask", "hi", "--model", "openai/gpt-4o-mini"), "dsrs: [openai] no API key for openai -> set OPENAI_API_KEY"),
         (("ask", "hi", "--lane", "premium"), "dsrs: no lane named 'premium'"),
+        (("ask", "  "), "dsrs: the question is empty"),
         (("run", "question answer", "-i", "x.jsonl", "-o", "y.jsonl"), "dsrs: a signature string needs exactly one '->'"),
         (("run", "q -> a", "-i", "/nonexistent.jsonl", "-o", "y.jsonl"), "dsrs: cannot read input /nonexistent.jsonl"),
         (("usage", "--days", "1", "--by", "model"), None),

@@ -29,10 +29,14 @@ def _out(*a: Any, **kw: Any) -> None:
 
 # -- ask --------------------------------------------------------------------------------------
 async def _ask(args: argparse.Namespace) -> int:
+    from .errors import ConfigurationError
     from .lm import LM
     from .predict import Predict
     from .predict.adapters import CompletionAdapter, resolve
 
+    question = args.question.strip()
+    if not question:
+        raise ConfigurationError("the question is empty", hint='dsrs ask "What is the capital of France?"')
     if args.lane:
         from .lanes import LaneMux
 
@@ -46,7 +50,6 @@ async def _ask(args: argparse.Namespace) -> int:
     if base and not args.lane:
         lm = lm.with_temperature(0.0)
     qa = Predict("question -> answer", demos=ASK_DEMOS if base else (), adapter=adapter)
-    question = args.question.strip()
     if args.stream:
         result = None
         async for item in qa.astream(question=question, lm=lm, lane=args.lane):

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .. import _sync, ledger
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, ResponseFormatError
 from ..settings import current
 from ..types import Completion, LmUsage
 from .adapters import AdapterParseError, JSONAdapter, options, resolve
@@ -97,26 +97,25 @@ class Predict:
 
     async def _settle(self, adapter: Any, lm: Any, values: dict[str, Any], lane: str | None,
                       c: Completion) -> Prediction:  # fmt: skip
-        """Parse the answer; on a parse failure retry once with the JSON adapter."""
-        sig = self.signature
-        err = _parse(adapter, sig, c)
+        """Parse the answer; on a parse failure retry once with the JSON adapter, then raise the typed error."""
+        attempts = [(getattr(adapter, "name", type(adapter).__name__), c.text)]
         usage = c.usage
-        if isinstance(err, AdapterParseError):
-            attempts = [(getattr(adapter, "name", type(adapter).__name__), c.text)]
-            if not isinstance(adapter, JSONAdapter):
-                c = await self._call(JSONAdapter(), lm, values, lane)
-                usage = usage + c.usage
-                err2 = _parse(JSONAdapter(), sig, c)
-                if not isinstance(err2, AdapterParseError):
-                    return Prediction(err2, lm_usage=usage, completion=c, inputs=values, lane=lane or route_lane(c))
-                attempts.append(("json", c.text))
-                err = AdapterParseError(f"{err.message}; retried with the JSON adapter: {err2.message}",
-                                        raw=attempts[0][1], field=err2.field, adapter="json")  # fmt: skip
-            err.lm_usage = usage
-            err.attempts = attempts  # type: ignore[attr-defined]
-            err.provider, err.model = c.provider or None, c.model or None
-            raise err
-        return Prediction(err, lm_usage=usage, completion=c, inputs=values, lane=lane or route_lane(c))
+        out = _parse(adapter, self.signature, c)
+        if isinstance(out, AdapterParseError) and not isinstance(adapter, JSONAdapter):
+            first = out
+            c = await self._call(JSONAdapter(), lm, values, lane)
+            usage = usage + c.usage
+            attempts.append(("json", c.text))
+            out = _parse(JSONAdapter(), self.signature, c)
+            if isinstance(out, AdapterParseError):
+                out = AdapterParseError(f"{first.message}; retried with the JSON adapter: {out.message}",
+                                        raw=attempts[0][1], field=out.field, adapter="json")  # fmt: skip
+        if isinstance(out, AdapterParseError):
+            out.lm_usage, out.attempts = usage, attempts
+            out.message += f" (the model wrote {attempts[0][1].strip()[:80]!r})"
+            out.provider, out.model = c.provider or None, c.model or None
+            raise out
+        return Prediction(out, lm_usage=usage, completion=c, inputs=values, lane=lane or route_lane(c))
 
     async def _call(self, adapter: Any, lm: Any, values: dict[str, Any], lane: str | None) -> Completion:
         """One LM call with this adapter's prompt, recorded in the ledger."""
@@ -150,7 +149,8 @@ class Predict:
                 yield item
             else:
                 c = item.completion
-        assert c is not None
+        if c is None:
+            raise ResponseFormatError("the stream ended without its final completion", provider=getattr(model, "provider", None))
         self._record(c, lane, started)
         yield await self._settle(adapter, model, values, lane, c)
 

@@ -21,18 +21,20 @@ Prompt = str | list[Message]
 class AdapterParseError(DsrsError):
     """The model's answer could not be read back into the signature's fields.
 
-    `raw` is the model's text, `field` the field that failed (when one did), `lm_usage` what the
-    attempts cost.
+    `raw` is the model's text (of the first attempt), `field` the field that failed (when one did),
+    `attempts` each adapter tried with its raw text, `lm_usage` what the attempts cost.
     """
 
     fallback = False
 
     def __init__(self, message: str, *, raw: str = "", field: str | None = None, adapter: str | None = None,
-                 lm_usage: LmUsage | None = None, **kw: Any) -> None:  # fmt: skip
+                 lm_usage: LmUsage | None = None, attempts: list[tuple[str, str]] | None = None,
+                 **kw: Any) -> None:  # fmt: skip
         self.raw = raw
         self.field = field
         self.adapter = adapter
         self.lm_usage = lm_usage if lm_usage is not None else LmUsage()
+        self.attempts = attempts if attempts is not None else [(adapter or "", raw)]
         kw.setdefault("hint", "use a stronger model, add demos, or loosen the output types")
         super().__init__(message, **kw)
 
