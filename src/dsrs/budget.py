@@ -39,7 +39,7 @@ import contextvars
 import logging
 import math
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from . import pricing
@@ -253,26 +253,37 @@ class Budget:
 _scoped: contextvars.ContextVar[tuple[Budget, ...]] = contextvars.ContextVar("dsrs_budgets", default=())
 
 
-@contextlib.contextmanager
-def scope(budgets: Sequence[Budget]) -> Iterator[None]:
-    """Apply `budgets` to every LM call made inside this block (how lanes pass theirs down)."""
-    if not budgets:
-        yield
-        return
-    token = _scoped.set(_scoped.get() + tuple(budgets))
-    try:
-        yield
-    finally:
-        _scoped.reset(token)
+class _Scope:
+    __slots__ = ("budgets", "token")
+
+    def __init__(self, budgets: tuple[Budget, ...]) -> None:
+        self.budgets = budgets
+
+    def __enter__(self) -> None:
+        self.token = _scoped.set(_scoped.get() + self.budgets)
+
+    def __exit__(self, *exc: object) -> None:
+        _scoped.reset(self.token)
 
 
-def applicable(lm: Any) -> tuple[Budget, ...]:
-    """Every budget a call on `lm` here must reserve against, each once."""
-    found: list[Budget] = []
+_NO_SCOPE = contextlib.nullcontext()
+
+
+def scope(budgets: Sequence[Budget]) -> contextlib.AbstractContextManager[None]:
+    """Apply `budgets` to every LM call made inside this `with` block (how lanes pass theirs down)."""
+    return _Scope(tuple(budgets)) if budgets else _NO_SCOPE
+
+
+def applicable(lm: Any, extra: Sequence[Budget] = ()) -> tuple[Budget, ...]:
+    """Every budget a call on `lm` here (plus `extra`) must reserve against, each once."""
     opts = getattr(lm, "_opts", None)  # BaseLM's options without the copy `.options` makes
     if opts is None:
         opts = getattr(lm, "options", None) or {}
-    for b in (opts.get("budget"), *_scoped.get(), current().budget):
+    own, scoped, glob = opts.get("budget"), _scoped.get(), current().budget
+    if own is None and not scoped and not extra and glob is None:
+        return ()
+    found: list[Budget] = []
+    for b in (own, *extra, *scoped, glob):
         if b is not None and all(b is not x for x in found):
             if not isinstance(b, Budget):
                 raise ConfigurationError(f"a budget must be a dsrs.Budget, got {b!r:.60}")

@@ -47,6 +47,11 @@ class CircuitBreaker:
         return self._state
 
     @property
+    def closed(self) -> bool:
+        """Lock-free fast path for the common case."""
+        return self._state == CLOSED
+
+    @property
     def state(self) -> str:
         with self._lock:
             return self._tick()
@@ -57,6 +62,8 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """May a call go to this lane now? In half-open, takes one of the probe slots."""
+        if self._state == CLOSED:
+            return True
         with self._lock:
             s = self._tick()
             if s == CLOSED:
@@ -67,6 +74,10 @@ class CircuitBreaker:
             return False
 
     def success(self) -> None:
+        if self._state == CLOSED:  # the hot path, lock-free (deque.append is atomic)
+            self._consecutive = 0
+            self._window.append(True)
+            return
         with self._lock:
             if self._tick() == HALF_OPEN:
                 self._state = CLOSED

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import budget as budgets
 from ..errors import ConfigurationError, DsrsError
+from ..lm import _REQUEST_FIELDS
 from ..types import Request
 from .circuit import CircuitBreaker
 
@@ -19,18 +20,18 @@ EWMA_ALPHA = 0.3
 
 
 class Ewma:
-    """Exponentially weighted moving average of observed latency, in seconds."""
+    """Exponentially weighted moving average of observed latency, in seconds (a racing update from
+    another thread may be lost: an estimate, kept lock-free on the hot path)."""
 
     def __init__(self, alpha: float = EWMA_ALPHA) -> None:
         self.alpha = alpha
         self.value: float | None = None
         self.samples = 0
-        self._lock = threading.Lock()
 
     def add(self, x: float) -> None:
-        with self._lock:
-            self.value = x if self.value is None else self.alpha * x + (1 - self.alpha) * self.value
-            self.samples += 1
+        v = self.value
+        self.value = x if v is None else self.alpha * x + (1 - self.alpha) * v
+        self.samples += 1
 
 
 @dataclass(eq=False)
@@ -46,6 +47,14 @@ class Lane:
     failures: int = 0
 
     def __post_init__(self) -> None:
+        from .mux import LaneMux
+
+        self.nested = isinstance(self.lm, LaneMux)
+        self.budgets_here: tuple[budgets.Budget, ...] = (self.budget,) if self.budget is not None else ()
+        self.context_window: int | None = self.hints.get("context_window") or self.lm_options.get("num_ctx")
+        self._backed = not self.nested and hasattr(self.lm, "_make_backend") and hasattr(self.lm, "_backend_obj")
+        # an LM with no request options of its own can take the mux's request as is (model swapped)
+        self.plain = self._backed and not any(k in self.lm_options for k in _REQUEST_FIELDS)
         for k in self.hints:
             if k not in HINTS:
                 raise ConfigurationError(f"unknown lane hint {k!r} for lane {self.name!r}", hint="known: " + ", ".join(HINTS))
@@ -60,11 +69,6 @@ class Lane:
         with_retries = getattr(self.lm, "with_retries", None)
         self.call_lm = with_retries(0) if with_retries and not self.nested else self.lm
 
-    @property
-    def nested(self) -> bool:
-        from .mux import LaneMux
-
-        return isinstance(self.lm, LaneMux)
 
     # -- what the lane can do ---------------------------------------------------------------
     def can(self, what: str) -> bool:
@@ -73,13 +77,11 @@ class Lane:
         service = getattr(self.lm, "service", None)
         return bool(getattr(service, what, True))
 
-    @property
-    def context_window(self) -> int | None:
-        return self.hints.get("context_window") or self.lm_options.get("num_ctx")
 
     @property
     def lm_options(self) -> dict[str, Any]:
-        return getattr(self.lm, "options", None) or {}
+        opts = getattr(self.lm, "_opts", None)  # BaseLM's, without the copy `.options` makes
+        return opts if opts is not None else (getattr(self.lm, "options", None) or {})
 
     def lane_request(self, messages: Any, fields: dict[str, Any]) -> Request | None:
         req = getattr(self.call_lm, "request", None)
@@ -87,6 +89,8 @@ class Lane:
 
     def misfit(self, req: Request, stream: bool) -> str | None:
         """Why this lane cannot do `req` at all (capability filters)."""
+        if not (req.tools or req.response_format or stream or self.context_window):
+            return None
         if req.tools and not self.can("tools"):
             return "does not support tools"
         rf = req.response_format or {}
@@ -101,28 +105,29 @@ class Lane:
                 return f"needs about {need} tokens, context window is {ctx}"
         return None
 
-    def unavailable(self, req: Request | None, now: float) -> str | None:
-        """Why this lane cannot take a request right now (key, circuit, rate limit, budget)."""
-        if not self.nested and hasattr(self.call_lm, "_make_backend"):
+    def unavailable(self, lane_req: Callable[[], Request | None], extra: tuple[budgets.Budget, ...] = ()) -> str | None:
+        """Why this lane cannot take a request right now (key, circuit, rate limit, budget).
+
+        `extra`: budgets from above (the mux's) that apply besides the lane's own."""
+        if self._backed and self.call_lm._backend_obj is None:
             try:
-                self.call_lm.backend  # noqa: B018 - builds the backend: a missing key shows here
+                self.call_lm.backend  # noqa: B018 - builds the backend once: a missing key shows here
             except DsrsError as e:
                 return f"unavailable: {e.message}" + (f" ({e.hint})" if e.hint else "")
-        state = self.circuit.state
-        if state == "open":
+        if not self.circuit.closed and self.circuit.state == "open":
             return f"circuit open (probe in {self.circuit.retry_in():.1f}s)"
-        if now < self.paused_until:
-            return f"rate limited for {self.paused_until - now:.1f}s more"
-        if req is not None:
-            with budgets.scope(self.budgets_here):
-                why = budgets.refusal(self.call_lm, req)
-            if why:
-                return f"budget: {why}"
+        if self.paused_until:
+            now = self.circuit.clock()
+            if now < self.paused_until:
+                return f"rate limited for {self.paused_until - now:.1f}s more"
+        if not self.nested:
+            found = budgets.applicable(self.call_lm, extra + self.budgets_here if self.budgets_here else extra)
+            if found:
+                why = budgets.refusal(self.call_lm, lane_req() or Request(self.lm.model, ()), found)
+                if why:
+                    return f"budget: {why}"
         return None
 
-    @property
-    def budgets_here(self) -> tuple[budgets.Budget, ...]:
-        return (self.budget,) if self.budget is not None else ()
 
     def pause(self, seconds: float, clock: Any = time.monotonic) -> None:
         self.paused_until = max(self.paused_until, clock() + seconds)

@@ -3,10 +3,11 @@
 Routing one request:
 
 1. **Filter**: lanes that cannot do the request (tools, JSON-schema output, streaming, context
-   window) and lanes unavailable now (no key, circuit open, paused by a long Retry-After, a budget
-   that cannot cover the worst case) are skipped, with the reason in the route decision.
+   window) are skipped, with the reason in the route decision.
 2. **Rank** the rest by the policy (`priority`, `cheapest`, `fastest`, or a function).
-3. **Try** them in order. The mux owns retries: a lane's LM is called with its own retries off,
+3. **Try** them in order, each when its turn comes: a lane unavailable then (no key, circuit
+   open, paused by a long Retry-After, a budget that cannot cover the worst case) is skipped with
+   the reason; lanes after the one that answered are never checked. The mux owns retries: a lane's LM is called with its own retries off,
    and its retry count (`LM.with_retries(n)`, default 2) is how often the mux retries that lane
    before falling back. One budget covers every retry and fallback: `mux.with_retries(n)` allows
    `n` attempts after the first in total (default: the number of lanes + 1); a lane is retried
@@ -64,6 +65,12 @@ def _fields(req: Request) -> dict[str, Any]:
         if v is not None and v != () and v != {}:
             out[f] = v
     return out
+
+
+def _retarget(r: Request, model: str) -> Request:
+    """`r` for another model (positional: dataclasses.replace costs several µs on the hot path)."""
+    return Request(model, r.messages, r.max_tokens, r.temperature, r.top_p, r.seed, r.stop, r.num_ctx, r.tools,
+                   r.tool_choice, r.response_format, r.extra)  # fmt: skip
 
 
 class LaneMux(BaseLM):
@@ -156,35 +163,30 @@ class LaneMux(BaseLM):
 
     # -- routing ----------------------------------------------------------------------------
     def _policy_name(self) -> str:
-        return policies.resolve(self._opts.get("policy") or "priority")[0]
+        p = self._opts.get("policy") or "priority"
+        return p if isinstance(p, str) else getattr(p, "__name__", "custom")
 
     def _budgets(self) -> tuple[budgets.Budget, ...]:
         b = self._opts.get("budget")
         return (b,) if b is not None else ()
 
-    def _plan(self, req: Request, fields: dict[str, Any], d: RouteDecision, stream: bool) -> list[Lane]:
+    def _plan(self, req: Request, fields: Any, d: RouteDecision) -> list[Lane]:
         if not self._lanes:
             raise ConfigurationError("this LaneMux has no lanes", hint="add_lane(name, lm) or await LaneMux.auto_detect()")
         pinned = self._opts.get("lane")
-        extra = self._budgets()
+        policy = self._opts.get("policy") or "priority"
+        if policy == "priority":  # the hot path: the order lanes were added
+            lanes = [lane for lane in self._lanes if pinned is None or lane.name == pinned]
+            d.candidates = [Candidate(lane.name, float(i)) for i, lane in enumerate(lanes)]
+            return lanes
         ok = []
         for i, lane in enumerate(self._lanes):
             if pinned is not None and lane.name != pinned:
                 continue
-            d.candidates.append(Candidate(lane.name))
-            lreq = lane.lane_request(list(req.messages), fields)
-            why = lane.misfit(lreq or req, stream)
-            if why is None:
-                with budgets.scope(extra):
-                    why = lane.unavailable(lreq, lane.circuit.clock())
-            if why:
-                d.candidates[-1].skipped = why
-            else:
-                ok.append((i, lane, lreq or req))
-        ranked = policies.rank(ok, self._opts.get("policy") or "priority")
-        by_name = {c.lane: c for c in d.candidates}
-        for score, _, lane in ranked:
-            by_name[lane.name].score = score
+            # the lane's own request (its options filling what the caller left unset), for scoring
+            ok.append((i, lane, lane.lane_request(list(req.messages), fields()) or req))
+        ranked = policies.rank(ok, policy)
+        d.candidates = [Candidate(lane.name, score) for score, _, lane in ranked]
         return [lane for _, _, lane in ranked]
 
     def _verdict(self, lane: Lane, e: DsrsError, n: int, left: int, queue: list[Lane], req: Request) -> tuple[str, float]:
@@ -230,8 +232,14 @@ class LaneMux(BaseLM):
 
     async def _route(self, req: Request, stream: bool) -> tuple[Lane, Any, RouteDecision]:
         d = RouteDecision(self._policy_name(), self._opts.get("lane"))
-        fields = _fields(req)
-        queue = self._plan(req, fields, d, stream)
+        memo: list[dict[str, Any]] = []
+
+        def fields() -> dict[str, Any]:  # computed when a lane needs them (not on the hot path)
+            if not memo:
+                memo.append(_fields(req))
+            return memo[0]
+
+        queue = self._plan(req, fields, d)
         if not queue:
             raise self._none_available(d)
         extra = self._budgets()
@@ -242,6 +250,11 @@ class LaneMux(BaseLM):
         last: DsrsError | None = None
         while queue:
             lane = queue.pop(0)
+            # checked when the lane's turn comes: capability filters first, then availability
+            why = lane.misfit(req, stream) or lane.unavailable(lambda: lane.lane_request(messages, fields()), extra)
+            if why:
+                d.skip(lane.name, why)
+                continue
             if not lane.circuit.allow():
                 d.skip(lane.name, f"circuit {lane.circuit.state}: not taking calls now")
                 continue
@@ -250,9 +263,9 @@ class LaneMux(BaseLM):
                 started = time.perf_counter()
                 lane.calls += 1
                 try:
-                    with budgets.scope(extra + lane.budgets_here):
+                    with budgets.scope(extra + lane.budgets_here if lane.budgets_here else extra):
                         if stream:
-                            agen = lane.call_lm.astream(messages, **fields)
+                            agen = lane.call_lm.astream(messages, **fields())
                             try:
                                 first = await agen.__anext__()
                             except StopAsyncIteration:
@@ -261,8 +274,10 @@ class LaneMux(BaseLM):
                                 await agen.aclose()
                                 raise
                             result: Any = (agen, first)
+                        elif lane.plain:
+                            result = await lane.call_lm.acomplete(_retarget(req, lane.call_lm.model))
                         else:
-                            result = await lane.call_lm.acall(messages, **fields)
+                            result = await lane.call_lm.acall(messages, **fields())
                 except asyncio.CancelledError:
                     lane.circuit.neutral()
                     raise
@@ -320,7 +335,7 @@ class LaneMux(BaseLM):
             if hit is not None:
                 return replace(hit, route=RouteDecision(self._policy_name(), self._opts.get("lane"), cached=True))
         _, c, d = await self._route(req, stream=False)
-        c = replace(c, route=d)
+        c.route = d  # a fresh completion from the lane (cache hits are fresh copies too)
         if key is not None:
             cache.put(key, c)  # type: ignore[union-attr]
         return c
