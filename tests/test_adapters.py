@@ -10,7 +10,7 @@ import pydantic
 import pytest
 
 import dsrs
-from dsrs import LM, LmUsage
+from dsrs import LM
 from dsrs.predict import (Adapter, AdapterParseError, ChatAdapter, CompletionAdapter, InputField, JSONAdapter,
                           OutputField, Predict, Signature)  # fmt: skip
 from dsrs.predict.adapters import is_base_model, resolve

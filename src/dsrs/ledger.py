@@ -23,6 +23,7 @@ log = logging.getLogger("dsrs.ledger")
 
 _COLUMNS = ("time", "lane", "provider", "model", "prompt_tokens", "completion_tokens", "total_tokens", "cost_msats",
             "cost_source", "cache_hit", "estimated", "latency_s", "program")  # fmt: skip
+_INSERT = f"INSERT INTO calls ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _SCHEMA = """CREATE TABLE IF NOT EXISTS calls (
     id INTEGER PRIMARY KEY, time REAL NOT NULL, lane TEXT, provider TEXT, model TEXT,
     prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
@@ -97,7 +98,7 @@ class Ledger:
                completion.latency_s if completion.latency_s is not None else latency_s, program)  # fmt: skip
         try:
             with self._lock:
-                self._open().execute(f"INSERT INTO calls ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", row)
+                self._open().execute(_INSERT, row)
         except (sqlite3.Error, OSError) as e:
             log.warning("could not write the usage ledger %s: %s", self.path, e)
 

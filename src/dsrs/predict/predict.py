@@ -21,7 +21,7 @@ from typing import Any
 from .. import _sync, ledger
 from ..errors import ConfigurationError, ResponseFormatError
 from ..settings import current
-from ..types import Completion, LmUsage
+from ..types import Completion
 from .adapters import AdapterParseError, JSONAdapter, options, resolve
 from .prediction import Prediction
 from .signature import Signature, SignatureError
@@ -125,7 +125,8 @@ class Predict:
         return c
 
     def _record(self, c: Completion, lane: str | None, started: float) -> None:
-        ledger.record(c, lane=lane or route_lane(c), program=str(self.signature), latency_s=time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        ledger.record(c, lane=lane or route_lane(c), program=str(self.signature), latency_s=elapsed)
 
     async def aforward(self, inputs: Mapping[str, Any] | None = None, /, *, lm: Any = None, lane: str | None = None,
                        **kw: Any) -> Prediction:  # fmt: skip
@@ -150,7 +151,8 @@ class Predict:
             else:
                 c = item.completion
         if c is None:
-            raise ResponseFormatError("the stream ended without its final completion", provider=getattr(model, "provider", None))
+            raise ResponseFormatError("the stream ended without its final completion",
+                                      provider=getattr(model, "provider", None))  # fmt: skip
         self._record(c, lane, started)
         yield await self._settle(adapter, model, values, lane, c)
 

@@ -162,7 +162,7 @@ def _side(text: str, is_input: bool, spec: str) -> list[Field]:
         name, _, tp = part.partition(":")
         name = name.strip()
         if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
-            raise SignatureError(f"{name!r} is not a valid field name in {spec!r}", hint="use identifiers like `question`")
+            raise SignatureError(f"{name!r} is not a valid field name in {spec!r}", hint="use identifiers: `question`")
         out.append(Field(name, parse_type(tp.strip(), spec) if tp.strip() else str, "", is_input))
     if not out:
         raise SignatureError(f"no {'input' if is_input else 'output'} fields in {spec!r}")

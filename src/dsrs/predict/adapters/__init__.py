@@ -34,7 +34,8 @@ def resolve(adapter: Any, lm: Any) -> Any:
         from ...errors import ConfigurationError
 
         raise ConfigurationError(
-            f"{adapter!r:.80} is not an adapter", hint="an adapter has format(signature, inputs, demos) and parse(signature, text)"
+            f"{adapter!r:.80} is not an adapter",
+            hint="an adapter has format(signature, inputs, demos) and parse(signature, text)",
         )
     return adapter
 

@@ -25,7 +25,8 @@ class ChatAdapter:
             f"{layout}\n\n{marker(END)}"
         )
 
-    def format(self, signature: Signature, inputs: Mapping[str, Any], demos: Sequence[Mapping[str, Any]] = ()) -> list[Message]:
+    def format(self, signature: Signature, inputs: Mapping[str, Any],
+               demos: Sequence[Mapping[str, Any]] = ()) -> list[Message]:  # fmt: skip
         outs = ", ".join(marker(f.name) for f in signature.outputs)
         ask = f"\n\nReply with {outs}, then {marker(END)}."
         msgs = [Message.system(self.system(signature))]

@@ -37,7 +37,8 @@ class JSONAdapter:
             f"Reply with one JSON object with exactly the keys {keys}, and nothing else."
         )
 
-    def format(self, signature: Signature, inputs: Mapping[str, Any], demos: Sequence[Mapping[str, Any]] = ()) -> list[Message]:
+    def format(self, signature: Signature, inputs: Mapping[str, Any],
+               demos: Sequence[Mapping[str, Any]] = ()) -> list[Message]:  # fmt: skip
         msgs = [Message.system(self.system(signature))]
         for d in demos:
             msgs.append(Message.user(marked(signature.inputs, d)))
@@ -50,7 +51,8 @@ class JSONAdapter:
         if not supports_schema(lm):
             return {}
         name = re.sub(r"[^A-Za-z0-9_-]", "_", signature.name)[:64] or "outputs"
-        return {"response_format": {"type": "json_schema", "json_schema": {"name": name, "schema": output_schema(signature)}}}
+        schema = {"name": name, "schema": output_schema(signature)}
+        return {"response_format": {"type": "json_schema", "json_schema": schema}}
 
     def parse(self, signature: Signature, text: str) -> dict[str, Any]:
         try:
@@ -62,6 +64,7 @@ class JSONAdapter:
         out = {}
         for f in signature.outputs:
             if f.name not in obj:
-                raise AdapterParseError(f"the JSON answer has no key {f.name!r}", raw=text, field=f.name, adapter=self.name)
+                raise AdapterParseError(f"the JSON answer has no key {f.name!r}", raw=text, field=f.name,
+                                        adapter=self.name)  # fmt: skip
             out[f.name] = typed(self.name, f, obj[f.name], text)
         return out
