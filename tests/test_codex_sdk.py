@@ -17,6 +17,7 @@ from responses_server import ResponsesServer, Turn, apply_patch, exec_command, m
 import dsrs
 from dsrs.codex_sdk import (
     AgentMessage,
+    CodexError,
     CodexSdkLM,
     CodexTurn,
     CodexTurnFailedError,
@@ -47,6 +48,13 @@ def codex_home(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("codex-home"))
 
 
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An empty HOME for the CLI: its login shells then skip the user's ~/.bashrc (here: `pyenv
+    rehash`, which leaves a stale lock behind when a test stops the CLI mid-command)."""
+    return str(tmp_path_factory.mktemp("home"))
+
+
 def provider_config(base_url: str) -> dict[str, Any]:
     return {
         "model_provider": "fx",
@@ -66,7 +74,7 @@ def ws(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def lm(server: ResponsesServer, codex_home: str, ws: Path) -> CodexSdkLM:
+def lm(server: ResponsesServer, codex_home: str, home: str, ws: Path) -> CodexSdkLM:
     server.turns()
     return (
         CodexSdkLM()
@@ -75,7 +83,7 @@ def lm(server: ResponsesServer, codex_home: str, ws: Path) -> CodexSdkLM:
         .with_codex_home(codex_home)
         .with_working_dir(ws)
         .with_sandbox("workspace-write")
-        .with_env({"FX_KEY": "fx-secret-key-123"})
+        .with_env({"FX_KEY": "fx-secret-key-123", "HOME": home})
         .with_config(provider_config(server.base_url))
         .with_timeout(60)
     )
@@ -199,6 +207,34 @@ async def test_timeout_kills_the_process_group(lm: CodexSdkLM, server: Responses
     assert processes_mentioning(marker) == []  # and so is what it started
 
 
+async def test_cancelled_call_leaves_no_process(lm: CodexSdkLM, server: ResponsesServer, ws: Path) -> None:
+    marker = f"sleep {32000 + uuid.uuid4().int % 1000}"
+    server.turns(Turn([exec_command(f"touch started && {marker}")]), Turn(stall=True))
+    task = asyncio.ensure_future(lm.acall("run a long command"))
+    while not (ws / "started").exists():  # wait for the agent's command to be running
+        await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert processes_mentioning(str(ws)) == [] and processes_mentioning(marker) == []
+
+
+async def test_background_jobs_of_the_agent_do_not_outlive_the_call(lm: CodexSdkLM, server: ResponsesServer,
+                                                                     ws: Path) -> None:  # fmt: skip
+    marker = f"sleep {33000 + uuid.uuid4().int % 1000}"
+    server.turns(Turn([exec_command(f"setsid {marker} > /dev/null 2>&1 < /dev/null & echo $! > bg.pid")]),
+                 text("Started it."))  # fmt: skip
+    c = await lm.with_sandbox("danger-full-access").acall("start a background job")  # no sandbox to reap it
+    assert c.text == "Started it." and (ws / "bg.pid").read_text().strip().isdigit()
+    assert processes_mentioning(marker) == []
+
+
+async def test_unknown_thread_is_a_typed_cli_error(lm: CodexSdkLM) -> None:
+    with pytest.raises(CodexError) as e:
+        await lm.session("01a2121a-0000-7000-8000-000000000000").acall("hi")
+    assert "no rollout found" in e.value.message and e.value.code == "exit 1" and not e.value.retryable
+
+
 async def test_two_calls_run_two_processes_at_once(lm: CodexSdkLM, server: ResponsesServer) -> None:
     # each answer is held until both requests are in flight: only concurrent processes can finish
     server.turns(Turn([message("one")], wait_for=2), Turn([message("two")], wait_for=2))
@@ -251,7 +287,8 @@ def test_missing_cli_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 @pytest.mark.timeout(240)
-async def test_end_to_end_against_llama_cpp(llama_server: Any, codex_home: str, ws: Path, tmp_path: Path) -> None:
+async def test_end_to_end_against_llama_cpp(llama_server: Any, codex_home: str, home: str, ws: Path,
+                                            tmp_path: Path) -> None:  # fmt: skip
     """One real turn: the real CLI, the real llama.cpp server (/v1/responses), Gemma 270M.
 
     The CLI's stock prompt (~6,000 tokens) does not fit the fixture's 2,048-token slots, so this
@@ -266,7 +303,7 @@ async def test_end_to_end_against_llama_cpp(llama_server: Any, codex_home: str, 
              "include_environment_context": False, "skills.include_instructions": False,
              "features.goals": False, "features.tool_search": False}  # fmt: skip
     lm = (CodexSdkLM().with_binary(CODEX_BIN).with_model(MODEL).with_codex_home(codex_home).with_working_dir(ws)
-          .with_env({"FX_KEY": "none"}).with_config({**provider_config(llama_server.url + "/v1"), **small})
+          .with_env({"FX_KEY": "none", "HOME": home}).with_config({**provider_config(llama_server.url + "/v1"), **small})
           .with_timeout(200))  # fmt: skip
     c = await lm.acall(FEW_SHOT)
     assert c.text.strip()  # whatever Gemma made of it; its length is capped server-side

@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import tempfile
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -337,26 +338,63 @@ def render_prompt(req: Request) -> tuple[str, str]:
     return system, "\n\n".join(f"{m.role.upper()}: {m.content}" for m in rest)
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    """SIGTERM the process group, SIGKILL it after a grace period; then clear any leftover member."""
+TAG_ENV = "DSRS_CODEX_CALL"  # set to a fresh token per call; every process the call starts inherits it
 
-    def signal_group(sig: int) -> None:
+
+def tagged(token: str) -> list[int]:
+    """Running processes whose environment carries this call's token (Linux /proc; elsewhere none)."""
+    needle = f"{TAG_ENV}={token}".encode()
+    found = []
+    with contextlib.suppress(OSError):
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/environ", "rb") as f:
+                        if needle in f.read().split(b"\0") and _running(int(d)):
+                            found.append(int(d))
+                except OSError:
+                    continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+async def _stop(proc: asyncio.subprocess.Process, token: str) -> None:
+    """Stop the CLI and everything it started: SIGTERM its process group, SIGKILL after a grace
+    period; then the same for every process still carrying the call's token (the commands the
+    agent ran live in sessions of their own, and the CLI leaves its shell snapshot running)."""
+
+    def kill(pid: int, sig: int, group: bool = False) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
+            (os.killpg if group else os.kill)(pid, sig)
 
     try:
         if proc.returncode is None:
-            signal_group(signal.SIGTERM)
+            kill(proc.pid, signal.SIGTERM, group=True)
             try:
                 await asyncio.wait_for(proc.wait(), KILL_GRACE)
             except asyncio.TimeoutError:
-                signal_group(signal.SIGKILL)
+                kill(proc.pid, signal.SIGKILL, group=True)
                 await proc.wait()
     finally:
-        signal_group(signal.SIGKILL)  # anything the agent started that is still in the group
-        if proc.returncode is None:  # interrupted while waiting: make sure it is gone
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+        kill(proc.pid, signal.SIGKILL, group=True)
+        if proc.returncode is None:
+            kill(proc.pid, signal.SIGKILL)
+        left = tagged(token)
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # TERM first: a shell's EXIT trap may release a lock
+            for pid in left:
+                kill(pid, sig)
+            for _ in range(int(KILL_GRACE / 0.02)):  # return only once they are really gone
+                left = tagged(token)
+                if not left:
+                    return
+                await asyncio.sleep(0.02)
 
 
 class CodexExec:
@@ -433,6 +471,8 @@ class CodexExec:
         schema = self.check(req)
         instructions, prompt = render_prompt(req)
         env = self.env()
+        token = uuid.uuid4().hex
+        env[TAG_ENV] = token
         home = env.get("CODEX_HOME") or os.path.expanduser("~/.codex")
         tid = self.opts.get("thread_id")
         before = thread_total(home, tid) if tid else {}
@@ -503,7 +543,7 @@ class CodexExec:
                 provider=PROVIDER, model=self.model, hint="raise with_timeout(...) or check the model server",
             ) from None  # fmt: skip
         finally:
-            await _stop(proc)
+            await _stop(proc, token)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(stderr_task, KILL_GRACE)
             stderr_task.cancel()
