@@ -211,3 +211,18 @@ def test_run_with_a_signature_class(env, tmp_path, scripted):
     assert scripted.requests[0].json["messages"][0]["content"].startswith("Classify the sentiment.")
     bad = dsrs(env, "run", "sigs:Nope", "-i", str(inp), "-o", str(out))
     assert bad.returncode == 1 and bad.stderr.startswith("dsrs: cannot load the signature 'sigs:Nope'")
+
+
+def test_ask_a_chat_model_prices_the_call(env, scripted):
+    env.update(OPENAI_API_KEY="sk-cli-secret", OPENAI_BASE_URL=scripted.url + "/v1")
+    scripted.script(chat_reply("[[ answer ]]\nParis\n\n[[ end ]]", 1000, 10, model="gpt-4o-mini"))
+    r = dsrs(env, "ask", "What is the capital of France?", "--model", "openai/gpt-4o-mini")
+    assert r.returncode == 0, r.stderr
+    answer, usage = r.stdout.strip().splitlines()
+    # gpt-4o-mini lists at 0.15 / 0.60 USD per Mtok: 1000 * 0.15 + 10 * 0.60 = 156 micro-USD = 156 msats at 1M msats/USD
+    assert answer == "Paris"
+    assert usage == "[openai/gpt-4o-mini] tokens: 1000 prompt + 10 completion = 1010; cost: 156 msats"
+    (seen,) = scripted.requests
+    assert seen.headers["authorization"] == "Bearer sk-cli-secret" and seen.json["max_completion_tokens"] == 64  # OpenAI's newer name
+    assert seen.json["messages"][-1]["content"].startswith("[[ question ]]\nWhat is the capital of France?")
+    assert "sk-cli-secret" not in r.stdout + r.stderr

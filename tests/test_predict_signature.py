@@ -207,3 +207,22 @@ def test_adapters_read_back_what_they_write(n, x, b, xs, s):
     assert JSONAdapter().parse(sig, json.dumps(row)) == row
     written = block(sig.outputs, row)
     assert CompletionAdapter().parse(sig, written[len("N:") :]) == row
+
+
+def test_class_signatures_inherit_fields():
+    class Base(Signature):
+        """Answer."""
+
+        question: str = InputField()
+        answer: str = OutputField()
+
+    class WithContext(Base):
+        context: str = InputField(desc="background")
+
+    sig = WithContext()
+    assert [(f.name, f.input) for f in sig.fields] == [("question", True), ("answer", False), ("context", True)]
+    assert [f.name for f in sig.inputs] == ["question", "context"] and sig.instructions == "Answer."
+    with pytest.raises(SignatureError, match="needs a type"):
+
+        class Untyped(Signature):
+            question = InputField()

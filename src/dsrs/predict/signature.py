@@ -12,6 +12,7 @@ From a class (the docstring is the instructions):
 from __future__ import annotations
 
 import ast
+import inspect
 import keyword
 import types
 import typing
@@ -65,17 +66,21 @@ class Signature:
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
         hints = typing.get_type_hints(cls)
-        fields = []
-        for name in cls.__dict__.get("__annotations__", {}):
-            marker = cls.__dict__.get(name)
-            if not isinstance(marker, _Marker):
+        own = inspect.get_annotations(cls)
+        for name in own:
+            if not isinstance(cls.__dict__.get(name), _Marker):
                 raise SignatureError(
                     f"field {name!r} of {cls.__name__} needs a value: InputField() or OutputField()",
                     hint=f"write `{name}: {type_name(hints[name])} = InputField()`",
                 )
-            fields.append(Field(name, hints[name], marker.desc, marker.input))
-        cls._class_fields = tuple(fields)
-        cls._class_instructions = (cls.__doc__ or "").strip() or None
+        fields = {f.name: f for f in cls._class_fields}  # inherited first, overridable
+        for name, marker in cls.__dict__.items():
+            if isinstance(marker, _Marker):
+                if name not in own:
+                    raise SignatureError(f"field {name!r} of {cls.__name__} needs a type", hint=f"write `{name}: str = ...`")
+                fields[name] = Field(name, hints[name], marker.desc, marker.input)
+        cls._class_fields = tuple(fields.values())
+        cls._class_instructions = (cls.__doc__ or "").strip() or cls._class_instructions
 
     def __init__(self, spec: str | None = None, instructions: str | None = None, name: str | None = None) -> None:
         if spec is None:
