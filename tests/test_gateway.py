@@ -371,3 +371,29 @@ def test_config_errors_are_clear() -> None:
     for doc, words in cases:
         with pytest.raises(ConfigurationError, match=words):
             parse(doc, env={})
+
+
+def test_a_model_over_several_lanes_falls_back_and_counts_it(llama_server: Any, scripted: Any) -> None:
+    gw = InProcessGateway({
+        "cache": {"enabled": False},
+        "lanes": {"remote": _scripted_lane(scripted), "local": _llama_lane(llama_server),
+                  "pylon-local": {"kind": "pylon", "model": "gemma", "base_url": llama_server.url + "/v1",
+                                  "options": {"mode": "local", "backend": "llamacpp", "max_tokens": 4}}},
+        "models": {"auto": {"lanes": ["remote", "local"], "policy": "priority"}},
+        "keys": {"alice": {"key_env": "CLIENT_KEY"}},
+    })  # fmt: skip
+    try:
+        scripted.script(Reply(503, {"error": {"message": "overloaded", "type": "server_error"}}))
+        r = sdk(gw).chat.completions.create(model="auto", messages=[{"role": "user", "content": FEW_SHOT}], max_tokens=4)
+        assert "Paris" in r.choices[0].message.content and r.model == "auto"
+        assert r.model_extra["dsrs"]["lane"] == "local" and r.model_extra["dsrs"]["provider"] == "llamacpp"
+        assert len(scripted.requests) == 1  # tried first, failed, fell back
+        _, text = get(gw.url + "/metrics")
+        assert 'dsrs_lane_fallbacks_total{lane="remote"} 1' in text and 'dsrs_lane_calls_total{lane="local"} 1' in text
+        ids = {m.id: m.model_extra["dsrs"]["lanes"] for m in sdk(gw).models.list()}
+        assert ids["auto"] == ["remote", "local"]
+        p = sdk(gw).chat.completions.create(model="pylon-local", messages=[{"role": "user", "content": FEW_SHOT}])
+        assert p.choices[0].message.content == r.choices[0].message.content
+        assert p.model_extra["dsrs"]["cost_msats"] == 0 and p.usage.completion_tokens == 4
+    finally:
+        gw.close()

@@ -420,3 +420,11 @@ class RedisLedger:
                 min(r.time for r in rs), max(r.time for r in rs),
             ))  # fmt: skip
         return sorted(out, key=lambda s: s.key if by == "day" else s.first)
+
+
+def ledger_from_env() -> RedisLedger | None:
+    """The shared usage ledger when DSRS_REDIS_URL is set (what `dsrs usage` reads), else None."""
+    import os
+
+    url = os.environ.get("DSRS_REDIS_URL")
+    return RedisLedger(RedisState(url)) if url else None

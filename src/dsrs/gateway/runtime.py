@@ -86,8 +86,11 @@ class Runtime:
             opts["api_key"] = key
         use_cache = self.cfg.cache if lc.cache is None else lc.cache
         opts["cache"] = self.cache if use_cache and self.cache else False
-        if lc.budget:
-            opts["budget"] = self.budgets[lc.budget]
+        lm = self._construct(lc, opts)
+        # with_budget, not an option: a Pylon swarm lane books its payments on it (see PylonLM.with_budget)
+        return lm.with_budget(self.budgets[lc.budget]) if lc.budget else lm
+
+    def _construct(self, lc: LaneConfig, opts: dict[str, Any]) -> Any:
         try:
             if lc.kind == "lm":
                 from ..lm import LM
@@ -97,12 +100,12 @@ class Runtime:
                 from ..codex_sdk import CodexSdkLM
 
                 return CodexSdkLM(lc.model, **opts)
-            from .. import pylon  # kind "pylon"
-
-            cls = getattr(pylon, "PylonLM", None)
-            if cls is None:
-                raise ConfigurationError("PylonLM is not available in this build of dsrs")
-            return cls(**({"model": lc.model} if lc.model else {}), **opts)
+            try:  # kind "pylon"
+                from ..pylon import PylonLM
+            except ImportError as e:
+                raise ConfigurationError(f"Pylon lanes need the pylon extra ({e})", hint="pip install 'dsrs[pylon]'") from None
+            mode = opts.pop("mode", "swarm")  # options.mode: "swarm", "local" or "hybrid"
+            return PylonLM(mode, **({"model": lc.model} if lc.model else {}), **opts)
         except ConfigurationError as e:
             e.message = f"gateway config [lanes.{lc.name}]: {e.message}"
             e.args = (str(e),)

@@ -1,0 +1,256 @@
+"""Gateway overhead and throughput: a client calling bench/server.py directly vs through `dsrs serve`.
+
+    python bench/bench_gateway.py            # ~1 minute
+    python bench/bench_gateway.py --quick    # ~20 s
+    python bench/bench_gateway.py --redis    # also: two gateways sharing Redis (budget + ledger + rate limit)
+
+Everything runs on 127.0.0.1: the fast fake upstream (bench/server.py), one or two gateway
+processes (`python -m dsrs.gateway`, a lane `llamacpp/bench` on the fake server, cache off so
+every request really goes upstream, a client key required), and this process as the client
+(aiohttp, keep-alive). Measured:
+
+- sequential latency p50/p99: direct vs through one gateway; the difference of the p50s is the
+  gateway's overhead per request;
+- the same for a bare aiohttp pass-through proxy (the floor any aiohttp gateway pays);
+- throughput at concurrency 256 (calls/s) direct, through the bare proxy, through one gateway, and through two gateway
+  processes (the client spreads requests over both);
+- with --redis: the same two-process throughput with Redis holding a shared budget, the ledger
+  stream and a rate limit (the extra round trips per request).
+
+On a 2-core machine client, gateway(s) and server share the cores: the throughput figures are
+what this box can do, not what the gateway can do alone. Needs redis-server on PATH for --redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+KEY = "sk-bench-client-key"
+BODY = {"model": "bench", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited: {proc.stderr.read().decode()[-1000:] if proc.stderr else ''}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def start_upstream() -> tuple[subprocess.Popen[bytes], int]:
+    p = subprocess.Popen([sys.executable, str(HERE / "server.py"), "--port", "0"], stdout=subprocess.PIPE)
+    line = p.stdout.readline().decode()  # type: ignore[union-attr]
+    return p, int(line.split()[1])
+
+
+def start_gateway(upstream: int, redis_url: str | None) -> tuple[subprocess.Popen[bytes], int, str]:
+    port = free_port()
+    cfg = f"""
+[gateway]
+require_keys = true
+[cache]
+enabled = false
+[lanes.bench]
+lm = "llamacpp/bench"
+base_url = "http://127.0.0.1:{upstream}/v1"
+options = {{ retries = 0 }}
+[keys.bench]
+key_env = "BENCH_KEY"
+"""
+    if redis_url:
+        cfg += f'budget = "all"\nrpm = 100000000\n[budgets.all]\nlimit_msats = 1000000000\nallow_unpriced = true\n[redis]\nurl = "{redis_url}"\n'
+    fd, path = tempfile.mkstemp(suffix=".toml")
+    os.write(fd, cfg.encode())
+    os.close(fd)
+    env = {**os.environ, "BENCH_KEY": KEY, "DSRS_LEDGER": "off"}
+    p = subprocess.Popen([sys.executable, "-m", "dsrs.gateway", "--config", path, "--port", str(port)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    wait_port(port, p)
+    return p, port, path
+
+
+def proxy(upstream: int, port: int) -> None:
+    """The reference: a bare aiohttp pass-through proxy (no auth, no parsing beyond JSON, no accounting)."""
+    import aiohttp
+    from aiohttp import web
+
+    async def run() -> None:
+        session = aiohttp.ClientSession()
+
+        async def handle(req: web.Request) -> web.Response:
+            async with session.post(f"http://127.0.0.1:{upstream}/v1/chat/completions", json=await req.json()) as r:
+                return web.json_response(await r.json())
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handle)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+def start_proxy(upstream: int) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    p = subprocess.Popen([sys.executable, __file__, "--proxy", str(upstream), str(port)], stderr=subprocess.PIPE)
+    wait_port(port, p)
+    return p, port
+
+
+def stop(p: subprocess.Popen[Any]) -> None:
+    if p.poll() is None:
+        os.kill(p.pid, signal.SIGTERM)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+
+async def sequential(urls: list[str], n: int) -> list[float]:
+    import aiohttp
+
+    out = []
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with aiohttp.ClientSession() as s:
+        for i in range(n + 50):
+            t = time.perf_counter()
+            async with s.post(urls[i % len(urls)], json=BODY, headers=headers) as r:
+                body = await r.read()
+                assert r.status == 200, body[:200]
+            if i >= 50:
+                out.append(time.perf_counter() - t)
+    return out
+
+
+async def throughput(urls: list[str], conc: int, secs: float) -> float:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    done = 0
+    errors = 0
+    stop_at = 0.0
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as s:
+
+        async def worker(i: int) -> None:
+            nonlocal done, errors
+            url = urls[i % len(urls)]
+            while time.perf_counter() < stop_at:
+                async with s.post(url, json=BODY, headers=headers) as r:
+                    await r.read()
+                    if r.status == 200:
+                        done += 1
+                    else:
+                        errors += 1
+
+        stop_at = time.perf_counter() + 0.5  # warm-up: open the connections
+        await asyncio.gather(*(worker(i) for i in range(conc)))
+        done = 0
+        t = time.perf_counter()
+        stop_at = t + secs
+        await asyncio.gather(*(worker(i) for i in range(conc)))
+        elapsed = time.perf_counter() - t
+    if errors:
+        raise RuntimeError(f"{errors} failed requests")
+    return done / elapsed
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--redis", action="store_true", help="also measure two gateways sharing Redis state")
+    ap.add_argument("--proxy", nargs=2, type=int, metavar=("UPSTREAM", "PORT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.proxy:
+        return proxy(*args.proxy)
+    n, secs = (1000, 2.0) if args.quick else (3000, 4.0)
+    procs: list[subprocess.Popen[Any]] = []
+    files: list[str] = []
+    results: dict[str, Any] = {}
+    try:
+        up, up_port = start_upstream()
+        procs.append(up)
+        direct = [f"http://127.0.0.1:{up_port}/v1/chat/completions"]
+        g1, p1, f1 = start_gateway(up_port, None)
+        g2, p2, f2 = start_gateway(up_port, None)
+        procs += [g1, g2]
+        files += [f1, f2]
+        via1 = [f"http://127.0.0.1:{p1}/v1/chat/completions"]
+        via2 = via1 + [f"http://127.0.0.1:{p2}/v1/chat/completions"]
+        d = asyncio.run(sequential(direct, n))
+        g = asyncio.run(sequential(via1, n))
+        results["direct_p50_us"], results["direct_p99_us"] = round(pct(d, 0.5)), round(pct(d, 0.99))
+        results["gateway_p50_us"], results["gateway_p99_us"] = round(pct(g, 0.5)), round(pct(g, 0.99))
+        results["overhead_p50_us"] = round(statistics.median(g) * 1e6 - statistics.median(d) * 1e6)
+        px, pport = start_proxy(up_port)
+        procs.append(px)
+        viap = [f"http://127.0.0.1:{pport}/v1/chat/completions"]
+        x = asyncio.run(sequential(viap, n))
+        results["bare_aiohttp_proxy_p50_us"] = round(pct(x, 0.5))
+        results["c256_direct_calls_s"] = round(asyncio.run(throughput(direct, 256, secs)))
+        results["c256_bare_aiohttp_proxy_calls_s"] = round(asyncio.run(throughput(viap, 256, secs)))
+        results["c256_one_gateway_calls_s"] = round(asyncio.run(throughput(via1, 256, secs)))
+        results["c256_two_gateways_calls_s"] = round(asyncio.run(throughput(via2, 256, secs)))
+        if args.redis:
+            exe = shutil.which("redis-server") or os.environ.get("DSRS_TEST_REDIS_SERVER")
+            if not exe:
+                raise SystemExit("--redis needs redis-server on PATH")
+            rport = free_port()
+            r = subprocess.Popen([exe, "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+            procs.append(r)
+            wait_port(rport, r)
+            url = f"redis://127.0.0.1:{rport}/0"
+            r1, q1, h1 = start_gateway(up_port, url)
+            r2, q2, h2 = start_gateway(up_port, url)
+            procs += [r1, r2]
+            files += [h1, h2]
+            rv1 = [f"http://127.0.0.1:{q1}/v1/chat/completions"]
+            rs = asyncio.run(sequential(rv1, n))
+            results["redis_gateway_p50_us"] = round(pct(rs, 0.5))
+            results["redis_overhead_p50_us"] = round(statistics.median(rs) * 1e6 - statistics.median(d) * 1e6)
+            results["c256_two_redis_gateways_calls_s"] = round(
+                asyncio.run(throughput(rv1 + [f"http://127.0.0.1:{q2}/v1/chat/completions"], 256, secs)))
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        for f in files:
+            os.unlink(f)
+    results["cpus"] = os.cpu_count()
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
