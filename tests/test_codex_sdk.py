@@ -18,6 +18,7 @@ import dsrs
 from dsrs.codex_sdk import (
     AgentMessage,
     CodexError,
+    CodexNotFoundError,
     CodexSdkLM,
     CodexTurn,
     CodexTurnFailedError,
@@ -278,11 +279,14 @@ def test_sync_call_and_bad_input(lm: CodexSdkLM, server: ResponsesServer) -> Non
 
 
 def test_missing_cli_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    with pytest.raises(dsrs.ConfigurationError, match="npm install -g @openai/codex"):
-        CodexSdkLM().with_binary(tmp_path / "nope" / "codex")("hi")
+    missing = CodexSdkLM().with_binary(tmp_path / "nope" / "codex")
+    assert not missing.available() and CodexSdkLM().with_binary(CODEX_BIN).available()
+    with pytest.raises(dsrs.ConfigurationError, match="npm install -g @openai/codex") as e:
+        missing("hi")
+    assert isinstance(e.value, CodexNotFoundError) and e.value.fallback  # a LaneMux may try another lane
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(dsrs.ConfigurationError, match="npm install -g @openai/codex"):
+    with pytest.raises(CodexNotFoundError, match="npm install -g @openai/codex"):
         CodexSdkLM()("hi")
 
 
@@ -303,8 +307,8 @@ async def test_end_to_end_against_llama_cpp(llama_server: Any, codex_home: str, 
              "include_environment_context": False, "skills.include_instructions": False,
              "features.goals": False, "features.tool_search": False}  # fmt: skip
     lm = (CodexSdkLM().with_binary(CODEX_BIN).with_model(MODEL).with_codex_home(codex_home).with_working_dir(ws)
-          .with_env({"FX_KEY": "none", "HOME": home}).with_config({**provider_config(llama_server.url + "/v1"), **small})
-          .with_timeout(200))  # fmt: skip
+          .with_env({"FX_KEY": "none", "HOME": home}).with_timeout(200)
+          .with_config({**provider_config(llama_server.url + "/v1"), **small}))  # fmt: skip
     c = await lm.acall(FEW_SHOT)
     assert c.text.strip()  # whatever Gemma made of it; its length is capped server-side
     assert c.usage.prompt_tokens > 30 and 0 < c.usage.completion_tokens <= llama_server.n_predict

@@ -187,6 +187,12 @@ class CodexTurnFailedError(CodexError):
     """The CLI reported `turn.failed`; `message` is the CLI's own."""
 
 
+class CodexNotFoundError(errors.ConfigurationError):
+    """The Codex CLI is not installed (or not where `with_binary` says). Another lane may do."""
+
+    fallback = True
+
+
 # -- the LM ---------------------------------------------------------------------------------
 class CodexSdkLM(BaseLM):
     """`CodexSdkLM().with_model("gpt-5-codex").with_timeout(60).with_working_dir("/repo")`."""
@@ -238,6 +244,14 @@ class CodexSdkLM(BaseLM):
                                             hint="pass completion.id of an earlier Codex call")  # fmt: skip
         return self._with(thread_id=tid)
 
+    def available(self) -> bool:
+        """Whether the CLI can be found (nothing is run)."""
+        try:
+            find_binary(self._opts.get("binary"))
+        except CodexNotFoundError:
+            return False
+        return True
+
     @property
     def thread_id(self) -> str | None:
         return self._opts.get("thread_id")
@@ -272,10 +286,10 @@ def find_binary(explicit: str | None) -> str:
     if explicit:
         if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
             return explicit
-        raise errors.ConfigurationError(f"the Codex CLI is not at {explicit!r}", provider=PROVIDER, hint=INSTALL_HINT)
+        raise CodexNotFoundError(f"the Codex CLI is not at {explicit!r}", provider=PROVIDER, hint=INSTALL_HINT)
     found = shutil.which("codex") or next(iter(sorted(glob.glob(os.path.expanduser(_TEST_COPY)), reverse=True)), None)
     if not found:
-        raise errors.ConfigurationError("the Codex CLI (`codex`) was not found", provider=PROVIDER, hint=INSTALL_HINT)
+        raise CodexNotFoundError("the Codex CLI (`codex`) was not found", provider=PROVIDER, hint=INSTALL_HINT)
     return found
 
 
@@ -492,8 +506,8 @@ class CodexExec:
         except OSError as e:
             if schema_path:
                 os.unlink(schema_path)
-            raise errors.ConfigurationError(f"cannot start the Codex CLI: {e.strerror}", provider=PROVIDER,
-                                            model=self.model, hint=INSTALL_HINT) from None  # fmt: skip
+            raise CodexNotFoundError(f"cannot start the Codex CLI: {e.strerror}", provider=PROVIDER,
+                                     model=self.model, hint=INSTALL_HINT) from None  # fmt: skip
         stderr: deque[str] = deque(maxlen=40)
 
         async def drain_stderr() -> None:
