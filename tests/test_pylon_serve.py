@@ -110,3 +110,15 @@ def test_serve_refuses_a_priced_provider_without_wallet() -> None:
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 2 and "needs a wallet" in r.stderr
     assert serve.parser().parse_args(["--backend", "openai/gpt-4o-mini"]).backend == "openai/gpt-4o-mini"
+
+
+async def test_provider_selling_a_llamacpp_server(net: Net, llama_server: Any) -> None:
+    acct = net.ledger.open(0)
+    prov = Provider(lm_for("llama.cpp", None, llama_server.url + "/v1"), [net.relay.url], price_msats=1000,
+                    wallet=NwcWallet(net.service.uri(acct), timeout=5))  # fmt: skip
+    await prov.start()
+    try:
+        out = await customer(net).acall(FEW_SHOT)
+    finally:
+        await prov.stop()
+    assert "Paris" in out.text and out.usage.cost_msats == 1000 and acct.balance_msats == 1000

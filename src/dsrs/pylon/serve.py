@@ -142,20 +142,22 @@ class Provider:
         return str(c.text)
 
 
-def lm_for(backend: str, model: str | None) -> Any:
+def lm_for(backend: str, model: str | None, base_url: str | None = None) -> Any:
     """`embedded`, `llama.cpp`, `ollama` (with `model`), or any LM string such as `openai/gpt-4o-mini`."""
     from ..lm import LM
 
+    opts = {"base_url": base_url} if base_url else {}
     if backend in _LOCAL:
         prov, default = _LOCAL[backend].split("/", 1)
-        return LM(f"{prov}/{model or default}")
-    return LM(backend)
+        return LM(f"{prov}/{model or default}", **opts)
+    return LM(backend, **opts)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsrs pylon serve", description="Sell a model's answers to the Pylon swarm (NIP-90).")
     p.add_argument("--backend", default="embedded", help="embedded | llama.cpp | ollama | any LM string (provider/model)")
     p.add_argument("--model", help="model name for a local backend")
+    p.add_argument("--base-url", help="the backend's base URL (e.g. http://127.0.0.1:8080/v1 for llama.cpp)")
     p.add_argument("--price-msats", type=int, default=1000, help="price per job in millisatoshis (default 1000)")
     p.add_argument("--relay", action="append", help="relay URL (repeatable; default PYLON_RELAY_URL or the Pylon relay)")
     p.add_argument("--nwc", help="wallet: nostr+walletconnect:// URI (default PYLON_NWC_URI)")
@@ -170,7 +172,7 @@ async def serve(args: argparse.Namespace, ready: Any = None) -> None:
     relays = relays_from(args.relay)
     uri = args.nwc or os.environ.get("PYLON_NWC_URI")
     wallet = NwcWallet(uri) if uri else None
-    prov = Provider(lm_for(args.backend, args.model), relays, price_msats=args.price_msats, wallet=wallet,
+    prov = Provider(lm_for(args.backend, args.model, args.base_url), relays, price_msats=args.price_msats, wallet=wallet,
                     keys=Keys.from_env(), name=args.name, max_jobs=args.max_jobs)  # fmt: skip
     await prov.start()
     print(f"serving as {prov.keys.npub} on {', '.join(relays)} at {args.price_msats} msats per job", flush=True)
