@@ -152,6 +152,11 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        err = self.proc.stderr.read().decode() if self.proc.stderr else ""  # type: ignore[union-attr]
-        os.unlink(self.config_path)
+        err = self.proc.stderr.read().decode() if self.proc.stderr and not self.proc.stderr.closed else ""
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        if os.path.exists(self.config_path):
+            os.unlink(self.config_path)
         return err

@@ -397,3 +397,16 @@ def test_a_model_over_several_lanes_falls_back_and_counts_it(llama_server: Any, 
         assert p.model_extra["dsrs"]["cost_msats"] == 0 and p.usage.completion_tokens == 4
     finally:
         gw.close()
+
+
+def test_serve_command_rejects_a_bad_config_with_status_2(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "dsrs.toml"
+    cfg.write_text('[lanes.a]\nlm = "openai/gpt-4o-mini"\n')
+    p = subprocess.run([sys.executable, "-m", "dsrs.gateway", "--config", str(cfg)], capture_output=True, timeout=60)
+    assert p.returncode == 2 and b"require_keys is on but no client keys" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "dsrs.gateway", "--config", str(tmp_path / "nope.toml")],
+                       capture_output=True, timeout=60)  # fmt: skip
+    assert p.returncode == 2 and b"does not exist" in p.stderr

@@ -183,6 +183,9 @@ def test_two_gateway_processes_share_one_budget_and_cache(scripted: Any) -> None
         assert {r.lane for r in rows} == {"remote"}
         status, metrics = get(gws[0].url + "/metrics")
         assert "dsrs_gateway_redis_up 1" in metrics
+        for g in gws:  # SIGTERM: a clean stop
+            err = g.close()
+            assert g.proc.returncode == 0, err[-2000:]
     finally:
         for g in gws:
             g.close()

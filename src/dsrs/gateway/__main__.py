@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
 
 
-def run(args: argparse.Namespace) -> int:
+async def arun(args: argparse.Namespace) -> int:
+    """`dsrs serve`: load the config, serve until SIGINT/SIGTERM. Config errors exit with status 2."""
     from ..errors import DsrsError
     from .app import serve
     from .config import load
@@ -22,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load(args.config)
-        serve(cfg, args.host, args.port)
+        await serve(cfg, args.host, args.port)
     except DsrsError as e:
         print(f"dsrs serve: {e}", file=sys.stderr)
         return 2
@@ -32,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dsrs serve", description="An OpenAI-compatible gateway over dsrs lanes.")
     add_arguments(p)
-    return run(p.parse_args(argv))
+    import asyncio
+
+    return asyncio.run(arun(p.parse_args(argv)))
 
 
 if __name__ == "__main__":

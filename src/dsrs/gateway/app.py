@@ -249,10 +249,23 @@ async def start(cfg: Config, host: str | None = None, port: int | None = None) -
     return runner
 
 
-def serve(cfg: Config, host: str | None = None, port: int | None = None) -> None:
+async def serve(cfg: Config, host: str | None = None, port: int | None = None) -> None:
+    """Serve until SIGINT or SIGTERM (or until cancelled), then stop cleanly."""
+    import signal
+
     h, p = host or cfg.host, cfg.port if port is None else port
-    app = make_app(cfg)
-    print(f"dsrs gateway on http://{h}:{p}/v1 ({len(app[RUNTIME].routes)} models)", flush=True)
+    runner = await start(cfg, h, p)
+    print(f"dsrs gateway on http://{h}:{p}/v1 ({len(runner.app[RUNTIME].routes)} models)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+            pass
     started = time.monotonic()
-    web.run_app(app, host=h, port=p, handler_cancellation=True, access_log=None, print=None, backlog=1024)
-    log.info("gateway stopped after %.0f s", time.monotonic() - started)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        log.info("gateway stopped after %.0f s", time.monotonic() - started)
