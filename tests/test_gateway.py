@@ -410,3 +410,22 @@ def test_serve_command_rejects_a_bad_config_with_status_2(tmp_path: Any) -> None
     p = subprocess.run([sys.executable, "-m", "dsrs.gateway", "--config", str(tmp_path / "nope.toml")],
                        capture_output=True, timeout=60)  # fmt: skip
     assert p.returncode == 2 and b"does not exist" in p.stderr
+
+
+def test_an_upstream_stream_cut_after_the_first_chunk_becomes_an_error_event(gateway: InProcessGateway, scripted: Any) -> None:
+    first = {"id": "c", "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": "Hel"}}]}
+    scripted.script(Reply(sse=[first], cut=True), Reply(sse=[first], cut=True))
+    seen = []
+    with pytest.raises(openai.APIError) as ei:
+        for chunk in sdk(gateway).chat.completions.create(model="remote", messages=[{"role": "user", "content": "x"}],
+                                                          max_tokens=5, stream=True):  # fmt: skip
+            seen += [c.delta.content for c in chunk.choices]
+    assert "Hel" in seen and "[openai/gpt-4o-mini]" in str(ei.value)
+    assert "127.0.0.1" not in str(ei.value)  # the upstream's address stays private
+    with sdk(gateway).responses.stream(model="remote", input="x", max_output_tokens=5) as s:
+        kinds = [ev.type for ev in s]
+    assert kinds[-1] == "response.failed" and "response.output_text.delta" in kinds
+    # the server is fine afterwards
+    scripted.script(chat_reply("fine"))
+    r = sdk(gateway).responses.create(model="remote", input="x", max_output_tokens=5)
+    assert r.output_text == "fine" and r.status == "completed"

@@ -481,6 +481,9 @@ def from_error(e: BaseException) -> WireError:
     if isinstance(e, WireError):
         return e
     msg = str(e)
+    if isinstance(e, errors.APIConnectionError) and e.hint:  # its hint names the upstream's address
+        hint, e.hint = e.hint, None
+        msg, e.hint = str(e), hint
     if isinstance(e, errors.BudgetExceededError):
         no_retry = {"x-should-retry": "false"}
         if e.code == "budget_unavailable":
