@@ -178,6 +178,19 @@ async def test_resume_sees_first_turn_and_usage_is_per_turn(lm: CodexSdkLM, serv
     assert third.raw.thread_usage["input_tokens"] == 257
 
 
+async def test_base_url_and_api_key(server: ResponsesServer, codex_home: str, home: str, ws: Path) -> None:
+    server.turns(text("via with_base_url"))
+    lm = (CodexSdkLM().with_binary(CODEX_BIN).with_model(MODEL).with_codex_home(codex_home).with_working_dir(ws)
+          .with_env({"HOME": home}).with_base_url(server.base_url).with_api_key("sk-codex-test-9876"))  # fmt: skip
+    c = await lm.acall("hi")
+    assert c.text == "via with_base_url"
+    assert [(r.method, r.path, r.headers["authorization"]) for r in server.requests] == [
+        ("POST", "/v1/responses", "Bearer sk-codex-test-9876")]  # fmt: skip
+    argv = lm.backend.argv(lm.request("hi"), "", None)
+    assert "model_providers.dsrs.base_url=" + json.dumps(server.base_url) in argv
+    assert not any("sk-codex-test-9876" in a for a in argv) and "sk-codex-test-9876" not in repr(lm)
+
+
 async def test_price_table_cost_for_the_codex_model(lm: CodexSdkLM, server: ResponsesServer) -> None:
     server.turns(text("ok", input_tokens=1000, cached_tokens=200, output_tokens=100))
     c = await lm.with_model("gpt-5-codex").acall("hi")

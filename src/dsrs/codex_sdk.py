@@ -7,6 +7,10 @@ changes, reasoning, web searches, MCP tool calls, to-do lists, non-fatal errors)
 `completion.items` as typed items, the thread id on `completion.id`, and `lm.session(id)`
 continues that thread (`codex exec ... resume <id>`).
 
+The model server is the CLI's own configuration (login or `CODEX_API_KEY`), or
+`with_base_url(url)` (+ `with_api_key`) for any Responses-API server, or full control through
+`with_config({...})` (each entry a `-c key=value` override) and `with_codex_home(dir)`.
+
 Usage: the CLI reports the thread's running total; a turn's usage is that total minus the total
 before the turn (read from the thread's rollout file in CODEX_HOME). Cost comes from the price
 table for the model (`with_model`). Sampling options (temperature, max_tokens...) do not exist
@@ -45,6 +49,7 @@ KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
 SANDBOXES = ("read-only", "workspace-write", "danger-full-access")
 INSTALL_HINT = "install the Codex CLI with `npm install -g @openai/codex`, or pass with_binary(path)"
 _TEST_COPY = "~/.cache/dsrs-test/codex-*/node_modules/.bin/codex"  # where scripts/test installs it
+KEY_ENV = "DSRS_CODEX_API_KEY"  # carries with_api_key to the CLI when with_base_url is set
 _LINE_LIMIT = 64 * 1024 * 1024  # one JSONL event can carry a command's whole output
 
 
@@ -427,8 +432,8 @@ class CodexExec:
         env = {**os.environ, **(self.opts.get("env") or {})}
         if self.opts.get("codex_home"):
             env["CODEX_HOME"] = self.opts["codex_home"]
-        if self.opts.get("api_key") is not None:
-            env["CODEX_API_KEY"] = self.opts["api_key"].get()
+        if self.opts.get("api_key") is not None:  # in the environment, never on the command line
+            env[KEY_ENV if self.opts.get("base_url") else "CODEX_API_KEY"] = self.opts["api_key"].get()
         return env
 
     def secrets(self) -> list[str]:
@@ -446,7 +451,13 @@ class CodexExec:
             args += ["-m", self.model]
         if o.get("sandbox"):
             args += ["-s", o["sandbox"]]
-        config = dict(o.get("config") or {})
+        config: dict[str, Any] = {}
+        if o.get("base_url"):  # a Responses-API server of the caller's: a model provider of our own
+            config = {"model_provider": "dsrs", "model_providers.dsrs.name": "dsrs",
+                      "model_providers.dsrs.base_url": o["base_url"]}  # fmt: skip
+            if o.get("api_key") is not None:
+                config["model_providers.dsrs.env_key"] = KEY_ENV
+        config.update(o.get("config") or {})
         if instructions:
             config["developer_instructions"] = instructions
         for k, v in config.items():
