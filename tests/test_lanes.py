@@ -445,3 +445,23 @@ def test_retarget_keeps_every_request_field():
     assert [f.name for f in dataclasses.fields(Request)] == list(values)  # a new field must be added to _retarget
     r = _retarget(Request(**values), "other")
     assert r == Request(**{**values, "model": "other"})
+
+
+async def test_rate_limit_without_retry_after_switches_or_backs_off_on_the_last_lane(srv, fake_retry, sleeps):
+    a, b, _ = srv
+    a.script(err(429))
+    b.script(chat_reply("from b"))
+    m = LaneMux().with_options(retry_policy=fake_retry).add_lane("a", lane_lm(a)).add_lane("b", lane_lm(b))
+    assert (await m.acall("hi")).text == "from b" and sleeps == []
+    a.script(err(429), chat_reply("a after backoff"))
+    out = await m.with_lane("a").acall("hi")  # no other lane: back off and retry
+    assert out.text == "a after backoff" and sleeps == [0.5]
+    assert [x.outcome for x in out.route.attempts] == ["retry", "ok"]
+
+
+async def test_x_should_retry_false_moves_on_at_once(srv, fake_retry, sleeps):
+    a, b, _ = srv
+    a.script(err(503, headers={"x-should-retry": "false"}))
+    b.script(chat_reply("from b"))
+    out = await mux3(srv, fake_retry).acall("hi")
+    assert out.text == "from b" and len(a.requests) == 1 and sleeps == []

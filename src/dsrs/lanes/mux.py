@@ -312,7 +312,7 @@ class LaneMux(BaseLM):
         why = d.skipped
         text = "; ".join(f"{k}: {v}" for k, v in why.items())
         err: DsrsError
-        if why and all(v.startswith("budget:") for v in why.values()):
+        if any(v.startswith("budget:") for v in why.values()):  # more budget would have made a lane usable
             err = BudgetExceededError(f"no lane's budget covers this request ({text})", code="budget_exceeded",
                                       hint="raise a budget, lower max_tokens, or add a cheaper lane")  # fmt: skip
         else:
