@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 
 import pytest
@@ -12,6 +13,7 @@ import dsrs
 from dsrs import LM, Predict
 from dsrs.ledger import Ledger, default_ledger
 from dsrs.types import Completion, CostSource, LmUsage
+from redis_fixture import redis_server  # noqa: F401 - the fixture
 from scripted import chat_reply
 
 DAY = 86400.0
@@ -87,3 +89,24 @@ def test_an_unwritable_ledger_never_fails_a_call(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dsrs.ledger"):
         led.record(comp("openai", "gpt-4o", 1, 1, 1))
     assert "could not write the usage ledger" in caplog.text
+
+
+def test_with_dsrs_redis_url_predict_and_dsrs_usage_share_the_redis_ledger(redis_server, scripted, tmp_path):
+    import subprocess
+    import sys
+    import uuid
+
+    field = "q_" + uuid.uuid4().hex[:8]  # a program name no other test writes to the shared Redis
+    env = dict(os.environ, DSRS_REDIS_URL=redis_server.url, DSRS_CACHE_DIR=str(tmp_path),
+               LLAMACPP_BASE_URL=scripted.url + "/v1")  # fmt: skip
+    (tmp_path / "in.jsonl").write_text(f'{{"{field}": "a"}}\n{{"{field}": "b"}}\n')
+    scripted.script(default=chat_reply("[[ answer ]]\nx\n\n[[ end ]]", 7, 3))
+    run = [sys.executable, "-m", "dsrs.cli", "run", f"{field} -> answer", "-i", str(tmp_path / "in.jsonl"),
+           "-o", str(tmp_path / "out.jsonl"), "-m", "llamacpp/chat"]  # fmt: skip
+    r = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    u = subprocess.run([sys.executable, "-m", "dsrs.cli", "usage", "--by", "program"], env=env, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert u.returncode == 0, u.stderr
+    assert re.search(rf"^{field} -> answer\s+2\s+14\s+6\s+20\s+0\s+0$", u.stdout, re.M), u.stdout
+    assert not (tmp_path / "ledger.sqlite3").exists()  # nothing went to the local file

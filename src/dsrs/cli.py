@@ -3,7 +3,7 @@
   dsrs ask "question" [--model M | --lane L] [--stream]   answer one question (embedded model by default, offline)
   dsrs doctor                                             providers, keys, local servers, what auto-detect builds
   dsrs run SIGNATURE --input in.jsonl --output out.jsonl  batch Predict, resumable
-  dsrs usage [--by model|lane|day|provider] [--plot f]    the usage ledger
+  dsrs usage [--by model|lane|day|provider|program]      the usage ledger (--plot f: needs matplotlib)
 
 Errors print one line and exit non-zero; `--debug` shows the traceback. Imports stay lazy so the
 command starts fast.
@@ -297,7 +297,7 @@ async def _usage(args: argparse.Namespace) -> int:
     since = time.time() - args.days * 86400 if args.days else None
     summary = led.summary(args.by, since)
     if not summary:
-        _out(f"no calls recorded yet in {led.path}")
+        _out(f"no calls recorded yet in {getattr(led, 'path', None) or 'the Redis ledger (DSRS_REDIS_URL)'}")
         return 0
     rows = []
     for s in summary:
@@ -359,7 +359,7 @@ def parser() -> argparse.ArgumentParser:
                      help="progress bar on stderr (default: when stderr is a terminal)")  # fmt: skip
 
     use = sub.add_parser("usage", help="the usage ledger: calls, tokens and msats")
-    use.add_argument("--by", choices=("model", "lane", "day", "provider"), default="model")
+    use.add_argument("--by", choices=("model", "lane", "day", "provider", "program"), default="model")
     use.add_argument("--days", type=float, help="only the last N days")
     use.add_argument("--plot", metavar="OUT.png", help="draw cost and tokens per day (needs matplotlib)")
     return p

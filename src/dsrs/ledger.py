@@ -2,7 +2,8 @@
 
 Rows hold when, which lane, provider and model, tokens, cost in msats and where that figure
 came from, whether the cache answered, and latency. Never prompts, answers, keys or URLs.
-`Predict` records every call it makes; `dsrs.usage(by="model"|"lane"|"day"|"provider")` sums them.
+`Predict` records every call it makes; `dsrs.usage(by="model"|"lane"|"day"|"provider"|"program")` sums them. With DSRS_REDIS_URL set,
+rows go to the Redis stream several processes share instead (`dsrs.redis_state.RedisLedger`).
 Set `DSRS_LEDGER=off` to record nothing. A ledger that cannot be written never fails a call.
 """
 
@@ -33,6 +34,7 @@ _GROUPS = {
     "provider": "provider",
     "lane": "coalesce(lane, '-')",
     "day": "date(time, 'unixepoch')",
+    "program": "coalesce(program, '-')",
 }
 
 
@@ -136,19 +138,30 @@ class Ledger:
                 self._db = None
 
 
-_ledgers: dict[Path, Ledger] = {}
+_ledgers: dict[Any, Any] = {}
 _lock = threading.Lock()
 
 
-def default_ledger() -> Ledger:
-    """The ledger beside the current cache directory (one per directory)."""
+def default_ledger() -> Any:
+    """The shared Redis ledger when DSRS_REDIS_URL is set (`dsrs.redis_state.RedisLedger`), else the
+    SQLite ledger beside the current cache directory. One per place; same record/rows/summary."""
     from .cache import default_dir
 
+    url = os.environ.get("DSRS_REDIS_URL")
     path = default_dir() / "ledger.sqlite3"
+    where: Any = ("redis", url) if url else path
     with _lock:
-        led = _ledgers.get(path)
+        led = _ledgers.get(where)
         if led is None:
-            led = _ledgers[path] = Ledger(path)
+            led = Ledger(path)
+            if url:
+                from .redis_state import ledger_from_env
+
+                try:
+                    led = ledger_from_env()
+                except ConfigurationError as e:  # the redis package is missing: keep recording locally
+                    log.warning("DSRS_REDIS_URL is set but %s; recording usage in %s instead", e, path)
+            _ledgers[where] = led
         return led
 
 
@@ -163,5 +176,5 @@ def record(completion: Any, *, lane: str | None = None, program: str | None = No
 
 
 def usage(by: str = "model", since: float | None = None) -> list[Summary]:
-    """The ledger summed by "model", "provider", "lane" or "day" (UTC), optionally since a unix time."""
+    """The ledger summed by "model", "provider", "lane", "day" (UTC) or "program", optionally since a unix time."""
     return default_ledger().summary(by, since)
