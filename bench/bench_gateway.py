@@ -11,6 +11,7 @@ every request really goes upstream, a client key required), and this process as 
 
 - sequential latency p50/p99: direct vs through one gateway; the difference of the p50s is the
   gateway's overhead per request;
+- the gateway process's CPU time per call (less sensitive to other load than latency);
 - the same for a bare aiohttp pass-through proxy (the floor any aiohttp gateway pays);
 - throughput at concurrency 256 (calls/s) direct, through the bare proxy, through one gateway, and through two gateway
   processes (the client spreads requests over both);
@@ -182,6 +183,19 @@ async def throughput(urls: list[str], conc: int, secs: float) -> float:
     return done / elapsed
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def seq_cpu(urls: list[str], n: int, pid: int) -> tuple[list[float], float]:
+    """Sequential latencies, and the CPU microseconds the process `pid` spent per call meanwhile."""
+    before = cpu_s(pid)
+    lat = asyncio.run(sequential(urls, n))
+    return lat, (cpu_s(pid) - before) / (n + 50) * 1e6
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e6
@@ -210,15 +224,17 @@ def main() -> None:
         via1 = [f"http://127.0.0.1:{p1}/v1/chat/completions"]
         via2 = via1 + [f"http://127.0.0.1:{p2}/v1/chat/completions"]
         d = asyncio.run(sequential(direct, n))
-        g = asyncio.run(sequential(via1, n))
+        g, gcpu = seq_cpu(via1, n, g1.pid)
+        results["gateway_cpu_us_per_call"] = round(gcpu)
         results["direct_p50_us"], results["direct_p99_us"] = round(pct(d, 0.5)), round(pct(d, 0.99))
         results["gateway_p50_us"], results["gateway_p99_us"] = round(pct(g, 0.5)), round(pct(g, 0.99))
         results["overhead_p50_us"] = round(statistics.median(g) * 1e6 - statistics.median(d) * 1e6)
         px, pport = start_proxy(up_port)
         procs.append(px)
         viap = [f"http://127.0.0.1:{pport}/v1/chat/completions"]
-        x = asyncio.run(sequential(viap, n))
+        x, xcpu = seq_cpu(viap, n, px.pid)
         results["bare_aiohttp_proxy_p50_us"] = round(pct(x, 0.5))
+        results["bare_aiohttp_proxy_cpu_us_per_call"] = round(xcpu)
         results["c256_direct_calls_s"] = round(asyncio.run(throughput(direct, 256, secs)))
         results["c256_bare_aiohttp_proxy_calls_s"] = round(asyncio.run(throughput(viap, 256, secs)))
         results["c256_one_gateway_calls_s"] = round(asyncio.run(throughput(via1, 256, secs)))
@@ -238,7 +254,8 @@ def main() -> None:
             procs += [r1, r2]
             files += [h1, h2]
             rv1 = [f"http://127.0.0.1:{q1}/v1/chat/completions"]
-            rs = asyncio.run(sequential(rv1, n))
+            rs, rcpu = seq_cpu(rv1, n, r1.pid)
+            results["redis_gateway_cpu_us_per_call"] = round(rcpu)
             results["redis_gateway_p50_us"] = round(pct(rs, 0.5))
             results["redis_overhead_p50_us"] = round(statistics.median(rs) * 1e6 - statistics.median(d) * 1e6)
             results["c256_two_redis_gateways_calls_s"] = round(

@@ -42,22 +42,38 @@ class RedisServer:
             raise RuntimeError("redis-server not found: install Debian's redis-server or set DSRS_TEST_REDIS_SERVER")
         return exe
 
+    @staticmethod
+    def _spawn(port: int, workdir: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [RedisServer.binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", workdir, "--protected-mode", "yes"],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
     @classmethod
     def start(cls) -> RedisServer:
-        workdir = tempfile.mkdtemp(prefix="dsrs-redis-")
         for _ in range(5):
+            workdir = tempfile.mkdtemp(prefix="dsrs-redis-")
             port = _free_port()
-            proc = subprocess.Popen(
-                [cls.binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", workdir, "--protected-mode", "yes"],  # fmt: skip
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            srv = cls(proc, port, workdir)
+            srv = cls(cls._spawn(port, workdir), port, workdir)
             if srv._wait_ready():
                 return srv
             srv.kill()
         raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        """Kill the server (SIGKILL, by PID), keeping its port for `restart`."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        """A fresh, empty server on the same port."""
+        self.stop()
+        self.proc = self._spawn(self.port, self.workdir)
+        if not self._wait_ready():
+            raise RuntimeError("redis-server did not restart")
 
     def _wait_ready(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -74,9 +90,7 @@ class RedisServer:
         return False
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

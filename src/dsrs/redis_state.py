@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -351,16 +352,27 @@ class RateLimiter:
 
 # -- the usage ledger --------------------------------------------------------------------------
 class RedisLedger:
-    """`ledger.Ledger` on the Redis stream `dsrs:usage` (capped near `maxlen` entries)."""
+    """`ledger.Ledger` on the Redis stream `dsrs:usage` (capped near `maxlen` entries).
 
-    def __init__(self, state: RedisState, maxlen: int = 1_000_000) -> None:
+    `record` never waits for Redis: entries queue in memory and a writer thread sends them in
+    pipelined batches. While Redis is down they wait (up to `backlog` entries, then the oldest
+    are dropped with a warning) and go out when it is back; `flush()` (also at `close()` and at
+    exit) sends what is queued.
+    """
+
+    def __init__(self, state: RedisState, maxlen: int = 1_000_000, backlog: int = 100_000) -> None:
         self.state = state
         self.maxlen = maxlen
         self.stream = state.key("usage")
+        self._queue: deque[dict[str, Any]] = deque(maxlen=backlog)
+        self._wake = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._sending = threading.Lock()  # one sender at a time: the writer thread or a flush
+        self._closed = False
 
     def record(self, completion: Any, *, lane: str | None = None, program: str | None = None,
                latency_s: float | None = None) -> None:  # fmt: skip
-        """One call, from its `Completion`. Errors are logged, never raised."""
+        """One call, from its `Completion`. Never raises, never blocks on Redis."""
         u = completion.usage
         lat = completion.latency_s if completion.latency_s is not None else latency_s
         entry = {
@@ -371,14 +383,71 @@ class RedisLedger:
             "cost_source": getattr(u.cost_source, "value", u.cost_source) or "", "cache_hit": int(u.cache_hit),
             "estimated": int(u.estimated), "latency_s": "" if lat is None else repr(lat), "program": program or "",
         }  # fmt: skip
-        try:
-            self.state.call(lambda: self.state.client.xadd(self.stream, entry, maxlen=self.maxlen, approximate=True))
-        except self.state.errors as e:
-            log.warning("could not write the usage ledger to Redis: %s", type(e).__name__)
+        with self._wake:
+            if len(self._queue) == self._queue.maxlen:
+                log.warning("usage ledger backlog full (Redis down?): dropping the oldest entry")
+            self._queue.append(entry)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._run, daemon=True, name="dsrs-redis-ledger")
+                self._writer.start()
+                import atexit
+
+                atexit.register(self.close)
+            self._wake.notify()
+
+    def _send(self) -> bool:
+        """Send what is queued; False when Redis refused (the entries stay queued)."""
+        with self._sending:
+            return self._send_locked()
+
+    def _send_locked(self) -> bool:
+        while True:
+            with self._wake:
+                batch = [self._queue[i] for i in range(min(500, len(self._queue)))]
+            if not batch:
+                return True
+            pipe = self.state.client.pipeline(transaction=False)
+            for e in batch:
+                pipe.xadd(self.stream, e, maxlen=self.maxlen, approximate=True)
+            try:
+                self.state.call(pipe.execute)
+            except self.state.errors as e:
+                log.warning("could not write the usage ledger to Redis (%s); %d entries wait", type(e).__name__,
+                            len(self._queue))  # fmt: skip
+                return False
+            with self._wake:
+                for _ in batch:
+                    self._queue.popleft()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if self._closed and not self._queue:
+                    return
+            if not self._send():
+                with self._wake:
+                    self._wake.wait(1.0)  # Redis down: try again in a second
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Send everything queued now; True when the queue is empty."""
+        deadline = time.monotonic() + timeout
+        while self._queue and time.monotonic() < deadline:
+            if not self._send():
+                return False
+        return not self._queue
+
+    def close(self) -> None:
+        self.flush()
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
 
     def rows(self, since: float | None = None) -> list[Any]:
         from .ledger import Row
 
+        self.flush()
         start = "-" if not since else str(int(since * 1000))
         raw = self.state.call(lambda: self.state.client.xrange(self.stream, min=start))
         out = []

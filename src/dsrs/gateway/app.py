@@ -233,6 +233,8 @@ def make_app(cfg: Config, runtime: Runtime | None = None) -> web.Application:
         from .. import http
 
         await http.aclose()
+        if hasattr(rt.ledger, "close") and rt.redis is not None:
+            await asyncio.to_thread(rt.ledger.close)  # send the queued usage entries
         if rt.redis is not None:
             rt.redis.close()
 
