@@ -90,6 +90,8 @@ def test_debug_shows_the_traceback(env):
 
 
 def test_doctor_with_keys_unset_and_set(env, llama_server):
+    # no `codex` on PATH either, so nothing at all is premium
+    env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if not os.path.exists(os.path.join(d, "codex")))
     r = dsrs(env, "doctor")
     assert r.returncode == 0, r.stderr
     assert re.search(r"^openai\s+missing \(OPENAI_API_KEY\)\s+https://api.openai.com/v1\s+not probed \(remote\)", r.stdout, re.M)
