@@ -394,6 +394,9 @@ async def test_lanes_nest_and_explicit_lane_pins(srv, fake_retry):
     nested = out.route.attempts[0].route
     assert nested.lane == "b" and [x.outcome for x in nested.attempts] == ["fallback", "ok"]
     assert (await outer.with_lane("local").acall("hi")).text == "from c"
+    b.script(Reply(sse=chunks("streamed")))
+    items = [i async for i in outer.astream("hi")]
+    assert items[0] == "streamed" and items[-1].completion.route.attempts[0].route.lane == "b"
     with pytest.raises(dsrs.ConfigurationError, match="no lane named 'nope'"):
         outer.with_lane("nope")
     with pytest.raises(dsrs.ConfigurationError, match="belongs to a lane"):

@@ -245,8 +245,7 @@ class LaneMux(BaseLM):
         extra = self._budgets()
         retries = self._opts.get("retries")
         left = len(self._lanes) + 1 if retries is None else retries  # attempts allowed after the first
-        sleep = self._retry().sleep
-        messages = list(req.messages)
+        messages = req.messages
         last: DsrsError | None = None
         while queue:
             lane = queue.pop(0)
@@ -292,7 +291,7 @@ class LaneMux(BaseLM):
                     left -= 1
                     if action == "fallback":
                         break
-                    await sleep(wait)
+                    await self._retry().sleep(wait)
                     n += 1
                     continue
                 d.lane = lane.name
@@ -352,6 +351,8 @@ class LaneMux(BaseLM):
                     ended = True
                     lane.circuit.success()
                     lane.latency.add(time.perf_counter() - started)
+                    if lane.nested:
+                        d.attempts[-1].route = item.completion.route
                     yield StreamEnd(replace(item.completion, route=d))
                     return
                 yield item
