@@ -557,8 +557,10 @@ class CodexExec:
                     yield item
                 elif kind == "turn.completed":
                     total = ev.get("usage") or {}
+                    break  # the turn is over (a left-over child may hold stdout open: do not wait for EOF)
                 elif kind == "turn.failed":
                     failure = (ev.get("error") or {}).get("message") or "turn failed"
+                    break
                 elif kind == "error":
                     last_error = ev.get("message")
             rc = await asyncio.wait_for(proc.wait(), max(0.0, deadline - loop.time()))
