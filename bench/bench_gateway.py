@@ -15,8 +15,11 @@ every request really goes upstream, a client key required), and this process as 
 - the same for a bare aiohttp pass-through proxy (the floor any aiohttp gateway pays);
 - throughput at concurrency 256 (calls/s) direct, through the bare proxy, through one gateway, and through two gateway
   processes (the client spreads requests over both);
-- with --redis: the same two-process throughput with Redis holding a shared budget, the ledger
-  stream and a rate limit (the extra round trips per request).
+- with --redis: the same with Redis holding a shared budget and a rate limit (two more loopback
+  round trips per request, made synchronously on the gateway's loop).
+
+The usage ledger is off (DSRS_LEDGER=off) in every gateway: it is a write per call, to SQLite
+or (behind the answer, batched) to Redis.
 
 On a 2-core machine client, gateway(s) and server share the cores: the throughput figures are
 what this box can do, not what the gateway can do alone. Needs redis-server on PATH for --redis.

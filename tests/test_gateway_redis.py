@@ -188,6 +188,21 @@ def test_two_gateway_processes_share_one_budget_and_cache(scripted: Any) -> None
         assert sum(r.program == "key:alice" for r in rows) == len(costs) + 1
         assert sum(r.program == "key:bob" for r in rows) == codes.count("ok")
         assert {r.lane for r in rows} == {"remote"}
+        # no secret reached Redis: not the client keys, not the upstream key
+        blob = []
+        for k in state.client.scan_iter(count=1000):
+            kind = state.client.type(k)
+            blob.append(k)
+            if kind == "string":
+                blob.append(state.client.get(k))
+            elif kind == "hash":
+                blob.append(repr(state.client.hgetall(k)))
+            elif kind == "stream":
+                blob.append(repr(state.client.xrange(k)))
+        text = "\n".join(blob)
+        assert "dsrs:usage" in text and "dsrs:budget:shared" in text and "dsrs:cache:" in text
+        for secret in (CLIENT_KEY, OTHER_KEY, "sk-upstream-secret-42"):
+            assert secret not in text
         status, metrics = get(gws[0].url + "/metrics")
         assert "dsrs_gateway_redis_up 1" in metrics
         for g in gws:  # SIGTERM: a clean stop

@@ -49,12 +49,14 @@ class Runtime:
         from ..redis_state import RateLimiter
 
         self.limiter = RateLimiter(self.redis)
-        if self.redis is not None:
-            from ..redis_state import RedisLedger
+        self.ledger: Any = None  # DSRS_LEDGER=off records nothing
+        if ledger_mod.enabled():
+            if self.redis is not None:
+                from ..redis_state import RedisLedger
 
-            self.ledger: Any = RedisLedger(self.redis)
-        else:
-            self.ledger = ledger_mod.default_ledger() if ledger_mod.enabled() else None
+                self.ledger = RedisLedger(self.redis)
+            else:
+                self.ledger = ledger_mod.default_ledger()
 
     # -- building ---------------------------------------------------------------------------
     def _budget(self, b: Any) -> Budget:
