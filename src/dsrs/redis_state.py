@@ -439,7 +439,10 @@ class RedisLedger:
         return not self._queue
 
     def close(self) -> None:
-        self.flush()
+        if self._closed:
+            return
+        if not self.flush():
+            log.warning("usage ledger: %d entries could not reach Redis before closing", len(self._queue))
         with self._wake:
             self._closed = True
             self._wake.notify()
