@@ -370,6 +370,11 @@ class RedisLedger:
         self._sending = threading.Lock()  # one sender at a time: the writer thread or a flush
         self._closed = False
 
+    @property
+    def path(self) -> str:
+        """Where the entries live (for messages; no password)."""
+        return f"{_safe_url(self.state.url)} stream {self.stream}"
+
     def record(self, completion: Any, *, lane: str | None = None, program: str | None = None,
                latency_s: float | None = None) -> None:  # fmt: skip
         """One call, from its `Completion`. Never raises, never blocks on Redis."""
