@@ -429,3 +429,16 @@ def test_an_upstream_stream_cut_after_the_first_chunk_becomes_an_error_event(gat
     scripted.script(chat_reply("fine"))
     r = sdk(gateway).responses.create(model="remote", input="x", max_output_tokens=5)
     assert r.output_text == "fine" and r.status == "completed"
+
+
+def test_the_documented_config_example_parses() -> None:
+    import tomllib
+
+    from dsrs.gateway import config
+
+    doc = config.__doc__ or ""
+    start = doc.index("```toml") + len("```toml")
+    cfg = config.parse(tomllib.loads(doc[start:doc.index("```", start)]), env={"ALICE_KEY": "k"})
+    assert sorted(cfg.lanes) == ["codex", "local", "swarm"] and cfg.lanes["swarm"].kind == "pylon"
+    assert cfg.models["gpt-5.5"].lanes == ("local", "swarm") and cfg.keys["alice"].budget == "key:alice"
+    assert cfg.keys["alice"].sha256 == config.key_hash("k") and "k" not in repr(cfg.keys["alice"])

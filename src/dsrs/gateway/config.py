@@ -20,12 +20,22 @@ enabled = true                 # the answer cache (Redis when configured, else t
 lm = "llamacpp/gemma"          # any LM string; or kind = "codex-sdk" / "pylon" with model = "..."
 base_url = "http://127.0.0.1:8080/v1"
 api_key_env = "LLAMA_KEY"      # keys come from the environment, never from this file
-budget = "local-budget"
+budget = "global"
 options = { max_tokens = 256, temperature = 0.2 }   # defaults a request may override
 
+hints = { cost_msats = 0 }     # LaneMux hints when the lane is in a multi-lane model
+
+[lanes.swarm]
+kind = "pylon"                 # PylonLM; options.mode = "swarm" (default), "local" or "hybrid"
+options = { mode = "hybrid", backend = "llamacpp", bid_msats = 2000 }
+
+[lanes.codex]
+kind = "codex-sdk"             # CodexSdkLM: the Codex CLI as a lane
+model = "gpt-5-codex"
+
 [models."gpt-5.5"]             # a name served by one or more lanes (LaneMux with fallback when several)
-lanes = ["local"]
-policy = "priority"
+lanes = ["local", "swarm"]
+policy = "priority"            # LaneMux policy: priority, cheapest, fastest
 
 [budgets.global]
 limit_msats = 1_000_000
