@@ -438,7 +438,8 @@ def test_the_documented_config_example_parses() -> None:
 
     doc = config.__doc__ or ""
     start = doc.index("```toml") + len("```toml")
-    cfg = config.parse(tomllib.loads(doc[start:doc.index("```", start)]), env={"ALICE_KEY": "k"})
+    cfg = config.parse(tomllib.loads(doc[start:doc.index("```", start)]), env={"ALICE_KEY": "sk-alice-distinct-123"})
     assert sorted(cfg.lanes) == ["codex", "local", "swarm"] and cfg.lanes["swarm"].kind == "pylon"
     assert cfg.models["gpt-5.5"].lanes == ("local", "swarm") and cfg.keys["alice"].budget == "key:alice"
-    assert cfg.keys["alice"].sha256 == config.key_hash("k") and "k" not in repr(cfg.keys["alice"])
+    assert cfg.keys["alice"].sha256 == config.key_hash("sk-alice-distinct-123")
+    assert "sk-alice" not in repr(cfg) and cfg.keys["alice"].sha256 not in repr(cfg)
