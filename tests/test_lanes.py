@@ -436,20 +436,6 @@ async def test_failing_lane_falls_back_to_real_llamacpp(srv, fake_retry, llama_s
     assert items[-1].completion.route.lane == "local"
 
 
-def test_retarget_keeps_every_request_field():
-    import dataclasses
-
-    from dsrs.lanes.mux import _retarget
-    from dsrs.types import Message, Request, Tool
-
-    values = {"model": "m", "messages": (Message.user("hi"),), "max_tokens": 5, "temperature": 0.5, "top_p": 0.9,
-              "seed": 3, "stop": ("x",), "num_ctx": 99, "tools": (Tool("f"),), "tool_choice": "auto",
-              "response_format": {"type": "json_object"}, "extra": {"k": 1}}  # fmt: skip
-    assert [f.name for f in dataclasses.fields(Request)] == list(values)  # a new field must be added to _retarget
-    r = _retarget(Request(**values), "other")
-    assert r == Request(**{**values, "model": "other"})
-
-
 async def test_rate_limit_without_retry_after_switches_or_backs_off_on_the_last_lane(srv, fake_retry, sleeps):
     a, b, _ = srv
     a.script(err(429))

@@ -10,7 +10,6 @@ from typing import Any
 
 from .. import budget as budgets
 from ..errors import ConfigurationError, DsrsError
-from ..lm import _REQUEST_FIELDS
 from ..types import Request
 from .circuit import CircuitBreaker
 
@@ -53,8 +52,6 @@ class Lane:
         self.budgets_here: tuple[budgets.Budget, ...] = (self.budget,) if self.budget is not None else ()
         self.context_window: int | None = self.hints.get("context_window") or self.lm_options.get("num_ctx")
         self._backed = not self.nested and hasattr(self.lm, "_make_backend") and hasattr(self.lm, "_backend_obj")
-        # an LM with no request options of its own can take the mux's request as is (model swapped)
-        self.plain = self._backed and not any(k in self.lm_options for k in _REQUEST_FIELDS)
         for k in self.hints:
             if k not in HINTS:
                 raise ConfigurationError(f"unknown lane hint {k!r} for lane {self.name!r}", hint="known: " + ", ".join(HINTS))
@@ -83,23 +80,26 @@ class Lane:
         opts = getattr(self.lm, "_opts", None)  # BaseLM's, without the copy `.options` makes
         return opts if opts is not None else (getattr(self.lm, "options", None) or {})
 
-    def lane_request(self, messages: Any, fields: dict[str, Any]) -> Request | None:
+    def lane_request(self, prompt: Any, opts: dict[str, Any]) -> Request | None:
+        """The request this lane's LM would send (its own options filling what `opts` leaves unset)."""
         req = getattr(self.call_lm, "request", None)
-        return req(messages, **fields) if req and not self.nested else None
+        return req(prompt, **opts) if req and not self.nested else None
 
-    def misfit(self, req: Request, stream: bool) -> str | None:
-        """Why this lane cannot do `req` at all (capability filters)."""
-        if not (req.tools or req.response_format or stream or self.context_window):
+    def misfit(self, opts: dict[str, Any], request: Callable[[], Request], stream: bool) -> str | None:
+        """Why this lane cannot do the request at all (capability filters). `opts`: the request
+        options the call sets; `request()` builds the whole request when the check needs it."""
+        tools, rf = opts.get("tools"), opts.get("response_format") or {}
+        if not (tools or rf or stream or self.context_window):
             return None
-        if req.tools and not self.can("tools"):
+        if tools and not self.can("tools"):
             return "does not support tools"
-        rf = req.response_format or {}
         if rf.get("type") == "json_schema" and not self.can("json_schema"):
             return "does not support structured (JSON-schema) output"
         if stream and not self.can("streaming"):
             return "does not stream"
         ctx = self.context_window
         if ctx:
+            req = request()
             need = typical_tokens(req) + (req.max_tokens or 0)
             if need > ctx:
                 return f"needs about {need} tokens, context window is {ctx}"

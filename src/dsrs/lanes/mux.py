@@ -2,17 +2,17 @@
 
 Routing one request:
 
-1. **Filter**: lanes that cannot do the request (tools, JSON-schema output, streaming, context
-   window) are skipped, with the reason in the route decision.
-2. **Rank** the rest by the policy (`priority`, `cheapest`, `fastest`, or a function).
-3. **Try** them in order, each when its turn comes: a lane unavailable then (no key, circuit
-   open, paused by a long Retry-After, a budget that cannot cover the worst case) is skipped with
-   the reason; lanes after the one that answered are never checked. The mux owns retries: a lane's LM is called with its own retries off,
+1. **Rank** the lanes by the policy (`priority`, `cheapest`, `fastest`, or a function).
+2. **Try** them in that order. When a lane's turn comes it is skipped, with the reason in the
+   route decision, if it cannot do the request (tools, JSON-schema output, streaming, context
+   window) or is unavailable now (no key, circuit open, paused by a long Retry-After, a budget
+   that cannot cover the worst case). Lanes after the one that answers are never checked.
+3. **Retry or fall back.** The mux owns retries: a lane's LM is called with its own retries off,
    and its retry count (`LM.with_retries(n)`, default 2) is how often the mux retries that lane
    before falling back. One budget covers every retry and fallback: `mux.with_retries(n)` allows
    `n` attempts after the first in total (default: the number of lanes + 1); a lane is retried
-   only while the budget still leaves one attempt for every lane queued after it. Backoff delays and
-   sleeping come from the mux's retry policy (`mux.with_options(retry_policy=...)`).
+   only while the budget still leaves one attempt for every lane queued after it. Backoff delays
+   and sleeping come from the mux's retry policy (`mux.with_options(retry_policy=...)`).
    - transport errors, timeouts, malformed answers, 5xx: retried on the lane, then fall back;
    - `RateLimitError`: a Retry-After up to `rate_limit_wait` seconds (default 5) is waited out
      on the same lane; a longer one pauses the lane for that long and the request moves on;
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -65,12 +65,6 @@ def _fields(req: Request) -> dict[str, Any]:
         if v is not None and v != () and v != {}:
             out[f] = v
     return out
-
-
-def _retarget(r: Request, model: str) -> Request:
-    """`r` for another model (positional: dataclasses.replace costs several µs on the hot path)."""
-    return Request(model, r.messages, r.max_tokens, r.temperature, r.top_p, r.seed, r.stop, r.num_ctx, r.tools,
-                   r.tool_choice, r.response_format, r.extra)  # fmt: skip
 
 
 class LaneMux(BaseLM):
@@ -170,7 +164,7 @@ class LaneMux(BaseLM):
         b = self._opts.get("budget")
         return (b,) if b is not None else ()
 
-    def _plan(self, req: Request, fields: Any, d: RouteDecision) -> list[Lane]:
+    def _plan(self, prompt: Input, opts: dict[str, Any], request: Callable[[], Request], d: RouteDecision) -> list[Lane]:
         if not self._lanes:
             raise ConfigurationError("this LaneMux has no lanes", hint="add_lane(name, lm) or await LaneMux.auto_detect()")
         pinned = self._opts.get("lane")
@@ -184,12 +178,14 @@ class LaneMux(BaseLM):
             if pinned is not None and lane.name != pinned:
                 continue
             # the lane's own request (its options filling what the caller left unset), for scoring
-            ok.append((i, lane, lane.lane_request(list(req.messages), fields()) or req))
+            ok.append((i, lane, lane.lane_request(prompt, opts) or request()))
         ranked = policies.rank(ok, policy)
         d.candidates = [Candidate(lane.name, score) for score, _, lane in ranked]
         return [lane for _, _, lane in ranked]
 
-    def _verdict(self, lane: Lane, e: DsrsError, n: int, left: int, queue: list[Lane], req: Request) -> tuple[str, float]:
+    def _verdict(
+        self, lane: Lane, e: DsrsError, n: int, left: int, queue: list[Lane], request: Callable[[], Request]
+    ) -> tuple[str, float]:
         """What to do after lane `lane` failed with `e` on its attempt number `n` (0-based)."""
         pol = self._retry()
         spare = left > len(queue)  # retry this lane only with budget to spare for every lane still queued
@@ -198,6 +194,7 @@ class LaneMux(BaseLM):
             action, wait = "fallback", 0.0
         elif isinstance(e, ContextWindowExceededError):
             lane.circuit.neutral()
+            req = request()
             need = typical_tokens(req) + (req.max_tokens or 0)
             have = lane.context_window or 0
             queue[:] = [q for q in queue if (q.context_window or 0) > max(have, need)]
@@ -230,27 +227,31 @@ class LaneMux(BaseLM):
             return "raise", 0.0
         return action, wait
 
-    async def _route(self, req: Request, stream: bool) -> tuple[Lane, Any, RouteDecision]:
+    async def _route(
+        self, prompt: Input, opts: dict[str, Any], req: Request | None, stream: bool
+    ) -> tuple[Lane, Any, RouteDecision]:
+        """Route one call: `prompt` and the request options (the mux's, then the call's) go to the
+        lanes as given, each lane filling in its own options; a `Request` is built only when needed
+        (scoring, context-window checks), keeping the hot path as short as a single LM's."""
         d = RouteDecision(self._policy_name(), self._opts.get("lane"))
-        memo: list[dict[str, Any]] = []
+        memo = [req]
 
-        def fields() -> dict[str, Any]:  # computed when a lane needs them (not on the hot path)
-            if not memo:
-                memo.append(_fields(req))
+        def request() -> Request:
+            if memo[0] is None:
+                memo[0] = self.request(prompt, **opts)
             return memo[0]
 
-        queue = self._plan(req, fields, d)
+        queue = self._plan(prompt, opts, request, d)
         if not queue:
             raise self._none_available(d)
         extra = self._budgets()
         retries = self._opts.get("retries")
         left = len(self._lanes) + 1 if retries is None else retries  # attempts allowed after the first
-        messages = req.messages
         last: DsrsError | None = None
         while queue:
             lane = queue.pop(0)
             # checked when the lane's turn comes: capability filters first, then availability
-            why = lane.misfit(req, stream) or lane.unavailable(lambda: lane.lane_request(messages, fields()), extra)
+            why = lane.misfit(opts, request, stream) or lane.unavailable(lambda: lane.lane_request(prompt, opts), extra)
             if why:
                 d.skip(lane.name, why)
                 continue
@@ -264,7 +265,7 @@ class LaneMux(BaseLM):
                 try:
                     with budgets.scope(extra + lane.budgets_here if lane.budgets_here else extra):
                         if stream:
-                            agen = lane.call_lm.astream(messages, **fields())
+                            agen = lane.call_lm.astream(prompt, **opts)
                             try:
                                 first = await agen.__anext__()
                             except StopAsyncIteration:
@@ -273,17 +274,15 @@ class LaneMux(BaseLM):
                                 await agen.aclose()
                                 raise
                             result: Any = (agen, first)
-                        elif lane.plain:
-                            result = await lane.call_lm.acomplete(_retarget(req, lane.call_lm.model))
                         else:
-                            result = await lane.call_lm.acall(messages, **fields())
+                            result = await lane.call_lm.acall(prompt, **opts)
                 except asyncio.CancelledError:
                     lane.circuit.neutral()
                     raise
                 except DsrsError as e:
                     lane.failures += 1
                     last = e
-                    action, wait = self._verdict(lane, e, n, left, queue, req)
+                    action, wait = self._verdict(lane, e, n, left, queue, request)
                     d.attempts.append(Attempt(lane.name, action, f"{type(e).__name__}: {e}", wait, getattr(e, "route", None)))
                     if action == "raise":
                         e.route = d  # type: ignore[attr-defined]
@@ -325,15 +324,28 @@ class LaneMux(BaseLM):
         return cache_key(f"lanemux[{lanes}]", req)
 
     # -- calls ------------------------------------------------------------------------------
+    def _call_opts(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        opts = {k: v for k, v in self._opts.items() if k in _REQUEST_FIELDS}
+        if overrides:
+            opts.update(overrides)
+        return opts
+
+    async def acall(self, prompt: Input, **overrides: Any) -> Completion:
+        return await self._complete(prompt, self._call_opts(overrides), None)
+
     async def acomplete(self, req: Request) -> Completion:
+        return await self._complete(req.messages, _fields(req), req)
+
+    async def _complete(self, prompt: Input, opts: dict[str, Any], req: Request | None) -> Completion:
         cache = self._cache()
         key = None
         if cache is not None:
+            req = req or self.request(prompt, **opts)
             key = self._cache_key(req)
             hit = cache.get(key)
             if hit is not None:
                 return replace(hit, route=RouteDecision(self._policy_name(), self._opts.get("lane"), cached=True))
-        _, c, d = await self._route(req, stream=False)
+        _, c, d = await self._route(prompt, opts, req, stream=False)
         c.route = d  # a fresh completion from the lane (cache hits are fresh copies too)
         if key is not None:
             cache.put(key, c)  # type: ignore[union-attr]
@@ -341,8 +353,7 @@ class LaneMux(BaseLM):
 
     async def astream(self, prompt: Input, **overrides: Any) -> AsyncIterator[str | StreamEnd]:
         """Deltas from the first lane that starts streaming; falls back only before the first chunk."""
-        req = self.request(prompt, **overrides)
-        lane, (agen, item), d = await self._route(req, stream=True)
+        lane, (agen, item), d = await self._route(prompt, self._call_opts(overrides), None, stream=True)
         started = time.perf_counter()
         ended = False
         try:
