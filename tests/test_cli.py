@@ -228,3 +228,15 @@ def test_ask_a_chat_model_prices_the_call(env, scripted):
     assert seen.headers["authorization"] == "Bearer sk-cli-secret" and seen.json["max_completion_tokens"] == 64  # OpenAI's newer name
     assert seen.json["messages"][-1]["content"].startswith("[[ question ]]\nWhat is the capital of France?")
     assert "sk-cli-secret" not in r.stdout + r.stderr
+
+
+def test_serve_and_pylon_serve_are_subcommands(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "dsrs.cli", "serve", "--config", str(tmp_path / "none.toml")],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "dsrs.cli", "pylon", "serve", "--help"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0 and "--price-msats" in r.stdout

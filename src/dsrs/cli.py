@@ -362,15 +362,37 @@ def parser() -> argparse.ArgumentParser:
     use.add_argument("--by", choices=("model", "lane", "day", "provider", "program"), default="model")
     use.add_argument("--days", type=float, help="only the last N days")
     use.add_argument("--plot", metavar="OUT.png", help="draw cost and tokens per day (needs matplotlib)")
+
+    from .gateway.__main__ import add_arguments
+
+    add_arguments(sub.add_parser("serve", help="an OpenAI-compatible gateway over dsrs lanes"))
+
+    pylon = sub.add_parser("pylon", help="Pylon (NIP-90): `dsrs pylon serve --help` sells a model to the swarm")
+    pylon.add_argument("action", choices=("serve",))
+    pylon.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of `dsrs pylon serve`")
     return p
 
 
-_COMMANDS = {"ask": _ask, "doctor": _doctor, "run": _run, "usage": _usage}
+async def _serve(args: argparse.Namespace) -> int:
+    from .gateway.__main__ import arun
+
+    return await arun(args)
+
+
+def _pylon(args: argparse.Namespace) -> int:
+    from .pylon.serve import main as pylon_serve
+
+    return pylon_serve(args.rest)  # runs its own event loop
+
+
+_COMMANDS = {"ask": _ask, "doctor": _doctor, "run": _run, "usage": _usage, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.cmd == "pylon":
+            return _pylon(args)
         from . import _sync
 
         return _sync.run(_COMMANDS[args.cmd](args))
