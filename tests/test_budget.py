@@ -280,3 +280,20 @@ def test_property_random_interleavings_never_overspend(limit, ops):
     assert b.reserved_msats == 0 and b.open_reservations == 0
     assert b.spent_msats <= limit
     assert b.calls + b.released == len(booked) and all(r.done for r in booked)
+
+
+async def test_an_lm_that_prices_itself_is_reserved_at_its_own_worst_case(scripted, fake_retry):
+    """E.g. a swarm LM whose worst case is its bid, not a price-table row."""
+    from dsrs.lm import LM as _LM
+
+    class Bidding(_LM):
+        def worst_case_msats(self, req):
+            return 700
+
+    scripted.script(default=chat_reply("ok"))
+    b = Budget(1000)
+    lm = Bidding("openai/not-in-table").with_base_url(scripted.url).with_api_key("k").with_budget(b)
+    c = await lm.acall("hi")
+    assert c.usage.cost_msats is None and b.spent_msats == 700  # unknown actual cost: the bid stays booked
+    with pytest.raises(BudgetExceededError, match="worst case 700 msats, 300 msats left"):
+        await lm.acall("hi")

@@ -12,7 +12,8 @@ Rules (each one a decision):
   interleaving of asyncio tasks or threads can book past the limit: `spent + reserved <= limit`
   holds for hard budgets whenever the provider charged no more than the worst case.
 - **Worst case** = every prompt token uncached plus `max_tokens` output, at list price
-  (`pricing.worst_case_msats`). Prompt tokens are estimated high: UTF-8 bytes / 2 per message plus
+  (`pricing.worst_case_msats`), unless the LM prices itself (`lm.worst_case_msats(req)`, e.g. a
+  swarm bid). Prompt tokens are estimated high: UTF-8 bytes / 2 per message plus
   `MESSAGE_OVERHEAD` (real tokenizers average ~4 bytes per token in English, ~1 token per CJK
   character). Without `max_tokens` in the request, `default_max_tokens` (a documented table)
   stands in for the model's output cap: set `max_tokens` to make budgets tight.
@@ -94,6 +95,13 @@ def worst_case(provider: str, model: str, req: Request) -> int | None:
     """The most this request can cost on `provider/model`, in msats; None when the price is unknown."""
     max_out = req.max_tokens if req.max_tokens is not None else default_max_tokens(model)
     return pricing.worst_case_msats(provider, model, estimate_prompt_tokens(req), max_out)
+
+
+def lm_worst_case(lm: Any, req: Request) -> int | None:
+    """The most `req` can cost on `lm`: the LM's own `worst_case_msats(req)` when it has one (an LM
+    that knows its price better than the table, e.g. a swarm bid), else the price table."""
+    own = getattr(lm, "worst_case_msats", None)
+    return own(req) if own is not None else worst_case(lm.provider, lm.model, req)
 
 
 class Reservation:
@@ -296,7 +304,7 @@ def refusal(lm: Any, req: Request, budgets: Sequence[Budget] | None = None) -> s
     budgets = applicable(lm) if budgets is None else budgets
     if not budgets:
         return None
-    wc = worst_case(lm.provider, lm.model, req)
+    wc = lm_worst_case(lm, req)
     for b in budgets:
         why = b.can_cover(wc)
         if why:
@@ -361,7 +369,7 @@ def guard(lm: Any, req: Request) -> contextlib.AbstractAsyncContextManager[Hold]
 
 @contextlib.asynccontextmanager
 async def _guard(lm: Any, req: Request, budgets: tuple[Budget, ...]) -> AsyncIterator[Hold]:
-    wc = worst_case(lm.provider, lm.model, req)
+    wc = lm_worst_case(lm, req)
     held: list[Reservation] = []
     try:
         for b in budgets:

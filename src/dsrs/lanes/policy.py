@@ -1,8 +1,9 @@
 """How a LaneMux ranks the lanes that can take a request. A score is a number; lower ranks first.
 
 - `priority`: the order lanes were added (the default).
-- `cheapest`: this request's worst-case cost on the lane from the price table, or the lane's
-  `cost_msats` hint (e.g. a swarm bid), or a Pylon LM's bid; unknown prices rank last.
+- `cheapest`: the lane's `cost_msats` hint, else its LM's `bid_msats` (a swarm bid), else this
+  request's worst-case cost on the lane (`budget.lm_worst_case`: the LM's own pricing or the
+  price table); unknown prices rank last.
 - `fastest`: the lane's observed latency (exponentially weighted); a lane not yet observed uses
   its `latency_s` hint, else 0 (it is tried, so it gets measured).
 - any callable `score(lane, request) -> float` (the `Lane` exposes name, lm, hints, latency, circuit).
@@ -30,13 +31,12 @@ def priority(lane: Lane, req: Request, index: int = 0) -> float:
 def cheapest(lane: Lane, req: Request) -> float:
     hint = lane.hints.get("cost_msats")
     if hint is None:
-        opts = lane.lm_options
-        hint = opts.get("bid_msats", opts.get("budget_msats"))
+        hint = lane.lm_options.get("bid_msats")  # a swarm bid
     if hint is not None:
         return float(hint)
     if lane.nested or not getattr(lane.lm, "provider", ""):
         return math.inf
-    wc = budget.worst_case(lane.lm.provider, lane.lm.model, req)
+    wc = budget.lm_worst_case(lane.lm, req)
     return math.inf if wc is None else float(wc)
 
 
