@@ -67,5 +67,5 @@ __all__ = [
     "QuotaExceededError", "RateLimitError", "Request", "ResponseFormatError", "RetryPolicy", "StreamEnd",
     "TimeoutError", "Tool", "ToolCall", "UnknownProviderError", "UnsupportedFeatureError", "configure",
     "configure_with_adapter", "context", "Predict", "Signature", "Prediction", "InputField", "OutputField", "Adapter",
-    "ChatAdapter", "JSONAdapter", "CompletionAdapter", "AdapterParseError", "usage",
+    "ChatAdapter", "JSONAdapter", "CompletionAdapter", "AdapterParseError", "usage", "Budget", "LaneMux",
 ]  # fmt: skip
