@@ -312,7 +312,7 @@ async def test_budget_that_cannot_cover_skips_the_lane(srv, fake_retry):
     a, b, _ = srv
     b.script(default=chat_reply("from b", prompt_tokens=10, completion_tokens=5))
     tight = Budget(1)
-    m = LaneMux().add_lane("a", lane_lm(a), budget=tight).add_lane("b", lane_lm(b, "llama"), ).with_max_tokens(50)
+    m = LaneMux().add_lane("a", lane_lm(a), budget=tight).add_lane("b", lane_lm(b, "llama")).with_max_tokens(50)
     out = await m.acall("hi")
     assert out.route.lane == "b" and a.requests == []
     assert out.route.skipped["a"].startswith("budget: worst case")
