@@ -303,9 +303,11 @@ def import_ms(stmt: str, runs: int) -> float:
     return statistics.median(xs)
 
 
-def run_one(client: str, port: int, mode: str, env: dict[str, str]) -> dict[str, Any]:
+def run_one(client: str, port: int, mode: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--client", client, "--port", str(port), "--mode", mode]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    with tempfile.TemporaryDirectory(prefix="dsrs-bench-") as cache_dir:  # a cold cache for every run
+        env = {**os.environ, "DSRS_CACHE_DIR": cache_dir}
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if r.returncode:
         sys.exit(f"client {client} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -400,19 +402,17 @@ def main() -> None:
     res["dsrs"]["import_lm_ms"] = import_ms(IMPORTS["dsrs+LM"], cfg["imports"])
     server, port = start_server()
     try:
-        with tempfile.TemporaryDirectory(prefix="dsrs-bench-") as cache_dir:
-            env = {**os.environ, "DSRS_CACHE_DIR": cache_dir}
-            run_one("aiohttp", port, "warm", env)  # warm the server up; not recorded
-            clients = args.clients.split(",")
-            for rnd in range(cfg["rounds"]):
-                for c in clients:
-                    if rnd and c == "httpx":
-                        continue
-                    got = run_one(c, port, "quick" if args.quick else "full", env)
-                    for k, v in got.items():
-                        old = res[c].get(k)
-                        res[c][k] = v if old is None or k not in BEST else BEST[k](old, v)
-                    print(f"  round {rnd + 1}: {c} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        run_one("aiohttp", port, "warm")  # warm the server up; not recorded
+        clients = args.clients.split(",")
+        for rnd in range(cfg["rounds"]):
+            for c in clients:
+                if rnd and c == "httpx":
+                    continue
+                got = run_one(c, port, "quick" if args.quick else "full")
+                for k, v in got.items():
+                    old = res[c].get(k)
+                    res[c][k] = v if old is None or k not in BEST else BEST[k](old, v)
+                print(f"  round {rnd + 1}: {c} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     finally:
         server.terminate()
         server.wait(10)
