@@ -358,3 +358,16 @@ async def test_bounds_on_content_size_and_event_count(net: Net) -> None:
         finally:
             await fp.stop()
     assert net.paid() == 0
+
+
+async def test_a_lane_budget_reserves_the_bid_and_settles_to_the_paid_amount(net: Net) -> None:
+    outer = Budget(6_000)
+    lm = client(net, bid=2000).with_fee_cap_msats(0)
+    assert lm.worst_case_msats(lm.request("x")) == 2000
+    assert PylonLM.new_local().worst_case_msats(lm.request("x")) == 0
+    import dsrs
+
+    with dsrs.context(budget=outer):
+        out, _ = await run_with(net, honest, lm)
+    assert out.usage.cost_msats == PRICE
+    assert (outer.spent_msats, outer.reserved_msats) == (PRICE, 0)

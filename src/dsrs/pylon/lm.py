@@ -150,6 +150,14 @@ class PylonLM(BaseLM):
     def with_fallback_on(self, *error_types: type[BaseException]) -> PylonLM:
         return self._with(fallback_on=tuple(error_types))
 
+    def worst_case_msats(self, req: Request) -> int:
+        """For budgets applied around calls (lanes, dsrs.configure(budget=...)): local is free, a swarm
+        job costs at most its bid plus the fee cap."""
+        if self.mode == "local":
+            return 0
+        cfg = self.swarm_config()
+        return cfg.bid_msats + swarm.fee_cap(cfg, cfg.bid_msats)
+
     # -- backends -----------------------------------------------------------------------------
     def _local_kind(self) -> str:
         return _LOCAL[self._opts.get("backend") or "embedded"]
