@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -227,12 +227,12 @@ class LaneMux(BaseLM):
             return "raise", 0.0
         return action, wait
 
-    async def _route(
-        self, prompt: Input, opts: dict[str, Any], req: Request | None, stream: bool
-    ) -> tuple[Lane, Any, RouteDecision]:
+    async def _route(self, prompt: Input, opts: dict[str, Any], req: Request | None, stream: bool) -> Any:
         """Route one call: `prompt` and the request options (the mux's, then the call's) go to the
         lanes as given, each lane filling in its own options; a `Request` is built only when needed
-        (scoring, context-window checks), keeping the hot path as short as a single LM's."""
+        (scoring, context-window checks), keeping the hot path as short as a single LM's.
+
+        Returns the completion (its `route` set), or for a stream `(lane, (agen, first item), route)`."""
         d = RouteDecision(self._policy_name(), self._opts.get("lane"))
         memo = [req]
 
@@ -300,6 +300,8 @@ class LaneMux(BaseLM):
                     lane.circuit.success()
                     lane.latency.add(time.perf_counter() - started)
                     d.attempts.append(Attempt(lane.name, "ok", route=getattr(result, "route", None)))
+                    result.route = d  # a fresh completion from the lane (cache hits are fresh copies too)
+                    return result
                 return lane, result, d
         if last is None:
             raise self._none_available(d)
@@ -330,25 +332,30 @@ class LaneMux(BaseLM):
             opts.update(overrides)
         return opts
 
-    async def acall(self, prompt: Input, **overrides: Any) -> Completion:
-        return await self._complete(prompt, self._call_opts(overrides), None)
+    # `acall`/`acomplete` return the routing coroutine itself rather than awaiting it: every
+    # suspension of an HTTP call resumes through each coroutine frame above it, so each frame
+    # saved here is paid back several times per call.
+    def acall(self, prompt: Input, **overrides: Any) -> Coroutine[Any, Any, Completion]:
+        """Send one request through the lanes (awaitable, like every LM's `acall`)."""
+        opts = self._call_opts(overrides)
+        if self._opts.get("cache"):
+            return self._cached(prompt, opts, None)
+        return self._route(prompt, opts, None, False)  # type: ignore[no-any-return]
 
-    async def acomplete(self, req: Request) -> Completion:
-        return await self._complete(req.messages, _fields(req), req)
+    def acomplete(self, req: Request) -> Coroutine[Any, Any, Completion]:
+        if self._opts.get("cache"):
+            return self._cached(req.messages, _fields(req), req)
+        return self._route(req.messages, _fields(req), req, False)  # type: ignore[no-any-return]
 
-    async def _complete(self, prompt: Input, opts: dict[str, Any], req: Request | None) -> Completion:
+    async def _cached(self, prompt: Input, opts: dict[str, Any], req: Request | None) -> Completion:
         cache = self._cache()
-        key = None
-        if cache is not None:
-            req = req or self.request(prompt, **opts)
-            key = self._cache_key(req)
-            hit = cache.get(key)
-            if hit is not None:
-                return replace(hit, route=RouteDecision(self._policy_name(), self._opts.get("lane"), cached=True))
-        _, c, d = await self._route(prompt, opts, req, stream=False)
-        c.route = d  # a fresh completion from the lane (cache hits are fresh copies too)
-        if key is not None:
-            cache.put(key, c)  # type: ignore[union-attr]
+        req = req or self.request(prompt, **opts)
+        key = self._cache_key(req)
+        hit = cache.get(key)  # type: ignore[union-attr]
+        if hit is not None:
+            return replace(hit, route=RouteDecision(self._policy_name(), self._opts.get("lane"), cached=True))
+        c: Completion = await self._route(prompt, opts, req, False)
+        cache.put(key, c)  # type: ignore[union-attr]
         return c
 
     async def astream(self, prompt: Input, **overrides: Any) -> AsyncIterator[str | StreamEnd]:
