@@ -62,14 +62,20 @@ class RedisServer:
             srv.kill()
         raise RuntimeError("redis-server did not start")
 
-    def stop(self) -> None:
-        """Kill the server (SIGKILL, by PID), keeping its port for `restart`."""
+    def stop(self, *, save: bool = False) -> None:
+        """Kill the server (SIGKILL, by PID), keeping its port for `restart`. `save=True` first writes
+        its data to disk (SAVE), so that `restart` comes back with it, like a Redis with persistence."""
+        if save and self.proc.poll() is None:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+                s.sendall(b"SAVE\r\n")
+                if not s.recv(16).startswith(b"+OK"):
+                    raise RuntimeError("redis-server did not save")
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
     def restart(self) -> None:
-        """A fresh, empty server on the same port."""
+        """A new server on the same port: empty, unless `stop(save=True)` saved the data."""
         self.stop()
         self.proc = self._spawn(self.port, self.workdir)
         if not self._wait_ready():

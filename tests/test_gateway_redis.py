@@ -275,3 +275,33 @@ def test_ledger_entries_wait_out_a_redis_outage() -> None:
         led.close()
     finally:
         srv.kill()
+
+
+def test_on_down_local_hands_outage_spending_to_redis_when_it_returns() -> None:
+    """4,000 spent before the outage and 5,000 during it: once Redis is back it knows 9,000 (and the
+    reservation still open), so a 5,000 call is refused there, by every process."""
+    srv = RedisServer.start()
+    try:
+        prefix = f"t{uuid.uuid4().hex[:8]}:"
+        b = RedisBudget(RedisState(srv.url, prefix=prefix), "b", 10_000, on_down="local")
+        b.reserve(4_000).settle(4_000)
+        assert b.state_counts()["spent"] == 4_000
+        srv.stop(save=True)
+        b.reserve(5_000).settle(5_000)  # booked in-process
+        held = b.reserve(600)  # still open when Redis returns
+        assert b.state.up is False and b._local is not None and b._local.spent_msats == 5_000
+        srv.restart()  # Redis comes back with its data (the 4,000)
+        with pytest.raises(BudgetExceededError) as ei:
+            b.reserve(5_000)
+        assert ei.value.code == "budget_exceeded" and b.state.up is True and b._local is None
+        other = RedisBudget(RedisState(srv.url, prefix=prefix), "b", 10_000)  # another process's view
+        assert other.state_counts() == {"spent": 9_000, "reserved": 600, "open": 1, "calls": 2, "released": 0,
+                                        "unpriced_calls": 0}  # fmt: skip
+        held.settle(500)  # the reservation booked locally settles in Redis
+        assert (other.spent_msats, other.reserved_msats, other.open_reservations) == (9_500, 0, 0)
+        b.reserve(500).settle(500)
+        with pytest.raises(BudgetExceededError):
+            other.reserve(1)
+        assert b.state_counts()["spent"] == 10_000
+    finally:
+        srv.kill()

@@ -177,6 +177,20 @@ else
 end
 return 1
 """
+# What one process booked in-process while Redis was down, handed over in one step when it answers
+# again. ARGV: spent, calls, released, unpriced_calls, then id, amount per reservation still open.
+_SYNC = """
+redis.call('HINCRBY', KEYS[1], 'spent', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'calls', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'released', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'unpriced_calls', ARGV[4])
+for i = 5, #ARGV, 2 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[1], 'reserved', ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[1], 'open', 1)
+end
+return redis.call('HGETALL', KEYS[1])
+"""
 _FIELDS = ("spent", "reserved", "open", "calls", "released", "unpriced_calls")
 ON_DOWN = ("fail_closed", "local")
 
@@ -208,7 +222,9 @@ class RedisBudget(Budget):
         self.on_down = on_down
         self._keys = (state.key("budget", name), state.key("budget", name, "open"))
         self._last: dict[str, int] = dict.fromkeys(_FIELDS, 0)
-        self._local: Budget | None = None
+        self._local: Budget | None = None  # the in-process books while Redis is down ("local")
+        self._local_open: dict[str, Reservation] = {}  # rid -> its booking on _local, not yet in Redis
+        self._sync_lock = threading.RLock()  # guards _local and _local_open
 
     # Counts live in Redis; Budget.__init__ assigns these, which is ignored.
     calls = property(lambda self: self.state_counts()["calls"], lambda self, v: None)
@@ -255,12 +271,43 @@ class RedisBudget(Budget):
                 f"spent {c['spent']}, reserved {c['reserved']}, redis {'up' if self.state.up else 'down'})")  # fmt: skip
 
     def _fallback(self) -> Budget:
+        with self._sync_lock:
+            if self._local is None:
+                left = max(0, self.limit_msats - self._last["spent"] - self._last["reserved"])
+                self._local = Budget(left, soft=self.soft, on_soft_limit=self.on_soft_limit,
+                                     allow_unpriced=self.allow_unpriced, name=f"{self.name} (local, Redis down)")  # fmt: skip
+                log.warning("budget %r books locally on %d msats while Redis is down", self.name, left)
+            return self._local
+
+    def _reserve_local(self, worst_case_msats: int | None) -> Reservation:
+        """Book on the in-process budget (Redis down, on_down="local"); `_sync_local` hands it to Redis later."""
+        with self._sync_lock:
+            local = self._fallback().reserve(worst_case_msats)
+            rid = uuid.uuid4().hex
+            self._local_open[rid] = local
+        return RedisReservation(self, local.amount, local.unpriced, rid)
+
+    def _sync_local(self) -> None:
+        """Before Redis books anything after an outage: add what was spent in-process meanwhile and the
+        reservations still open to Redis (one atomic script), then drop the local books. Raises the
+        Redis error when Redis is still down (the local books stay). A reply lost after the script ran
+        would hand the figures over twice on the next try: counted twice, never lost."""
         if self._local is None:
-            left = max(0, self.limit_msats - self._last["spent"] - self._last["reserved"])
-            self._local = Budget(left, soft=self.soft, on_soft_limit=self.on_soft_limit,
-                                 allow_unpriced=self.allow_unpriced, name=f"{self.name} (local, Redis down)")  # fmt: skip
-            log.warning("budget %r books locally on %d msats while Redis is down", self.name, left)
-        return self._local
+            return
+        with self._sync_lock:
+            local = self._local
+            if local is None:
+                return
+            args: list[Any] = [local.spent_msats, local.calls, local.released, local.unpriced_calls]
+            for rid, r in self._local_open.items():
+                args += [rid, r.amount]
+            script = self.state.script("sync", _SYNC)
+            flat = self.state.call(lambda: script(keys=self._keys, args=args))
+            self._local, self._local_open = None, {}
+            raw = dict(zip(flat[::2], flat[1::2], strict=True))
+            self._last = {f: int(raw.get(f, 0)) for f in _FIELDS}  # a next outage starts from these
+            log.warning("budget %r: handed %d msats spent and %d open reservations booked while Redis was down to Redis",
+                        self.name, args[0], (len(args) - 4) // 2)  # fmt: skip
 
     def reserve(self, worst_case_msats: int | None) -> Reservation:
         unpriced = worst_case_msats is None
@@ -271,10 +318,11 @@ class RedisBudget(Budget):
         args = (self.limit_msats, amount, int(unpriced), int(self.allow_unpriced), int(self.soft), rid)
         script = self.state.script("reserve", _RESERVE)
         try:
+            self._sync_local()
             verdict, n = self.state.call(lambda: script(keys=self._keys, args=args))
         except self.state.errors:
             if self.on_down == "local":
-                return self._fallback().reserve(worst_case_msats)
+                return self._reserve_local(worst_case_msats)
             raise BudgetExceededError(
                 f"{self._label()} cannot be checked: Redis is unreachable, so the call is refused",
                 limit_msats=self.limit_msats,
@@ -282,7 +330,6 @@ class RedisBudget(Budget):
                 code="budget_unavailable",
                 hint="bring Redis back, or set on_down = \"local\" to book in-process meanwhile",
             ) from None
-        self._local = None  # Redis answers again: the next outage starts from fresh figures
         if verdict == "unpriced":
             raise BudgetExceededError(
                 f"{self._label()} cannot price this call: the model is not in the price table",
@@ -304,6 +351,12 @@ class RedisBudget(Budget):
 
     def _finish(self, r: Reservation, spent: int | None) -> None:
         if r.done:
+            return
+        with self._sync_lock:
+            local = self._local_open.pop(r.rid, None)  # type: ignore[attr-defined]
+        if local is not None:  # booked in-process and not handed to Redis yet
+            r.done = True
+            local.budget._finish(local, spent)
             return
         r.done = True
         script = self.state.script("finish", _FINISH)
