@@ -28,8 +28,17 @@ Rules (each one a decision):
   (conservative). A provider charging more than the worst case is recorded as spent all the
   same (the truth), which can leave the budget over its limit: later calls are then refused.
 - **Failure**: an error the provider answered with, or one raised before anything was sent,
-  releases the reservation. When the outcome is unknown (a timeout, a malformed or cut answer,
-  the caller cancelling or abandoning a stream) the reservation is kept at the worst case.
+  releases the reservation. An error that says what the failed call already cost (any
+  `DsrsError` with an int `spent_msats`, e.g. a swarm job paid and then failed) settles to that
+  amount; one that marks the spending unknown (`spent_unknown = True`, e.g. a payment with no
+  answer) keeps the worst case. When the outcome is unknown (a timeout, a malformed or cut
+  answer, a cancelled non-streaming call) the reservation is kept at the worst case.
+- **Cancelled or abandoned stream** (e.g. a gateway client disconnecting): settles to what the
+  provider can have billed so far: the worst case's prompt estimate plus the completion tokens
+  streamed, estimated high at streamed UTF-8 bytes / 2, at list price, never above the worst
+  case. Kept at the worst case when the LM prices itself (`worst_case_msats`, e.g. a swarm bid)
+  or the price is unknown. (Nothing sent yet means nothing reserved: `BaseLM.astream` reserves
+  and hands the request to the backend with no await in between.)
 """
 
 from __future__ import annotations
@@ -218,24 +227,29 @@ class Budget:
                 if unpriced:
                     self.unpriced_calls += 1
             left = max(0, self.limit_msats - self._spent - self._reserved)
-        if refused == "unpriced":
-            raise BudgetExceededError(
-                f"{self._label()} cannot price this call: the model is not in the price table",
-                limit_msats=self.limit_msats,
-                code="unpriced",
-                hint="use a priced model, set usage pricing, or Budget(..., allow_unpriced=True)",
-            )
         if refused:
-            raise BudgetExceededError(
-                f"{self._label()} cannot cover this call: worst case {amount} msats, {left} msats left",
-                limit_msats=self.limit_msats,
-                needed_msats=amount,
-                code="budget_exceeded",
-                hint="raise the limit, lower max_tokens, or use a cheaper lane",
-            )
+            raise self._refusal(refused, amount, left)
         if over:
             self._soft_limit(amount)
         return Reservation(self, amount, unpriced)
+
+    def _refusal(self, verdict: str, amount: int, left: int) -> BudgetExceededError:
+        """The error for a refused reservation: `verdict` "unpriced" or "exceeded" (`left` msats left)."""
+        if verdict == "unpriced":
+            return BudgetExceededError(
+                f"{self._label()} cannot price this call: the model is not in the price table",
+                limit_msats=self.limit_msats,
+                code="unpriced",
+                hint="use a priced model, set usage pricing, or allow unpriced calls "
+                "(Budget(..., allow_unpriced=True); allow_unpriced = true in a gateway config)",
+            )
+        return BudgetExceededError(
+            f"{self._label()} cannot cover this call: worst case {amount} msats, {left} msats left",
+            limit_msats=self.limit_msats,
+            needed_msats=amount,
+            code="budget_exceeded",
+            hint="raise the limit, lower max_tokens, or use a cheaper lane",
+        )
 
     def _soft_limit(self, needed: int) -> None:
         if self.on_soft_limit is not None:
@@ -313,15 +327,31 @@ def refusal(lm: Any, req: Request, budgets: Sequence[Budget] | None = None) -> s
 
 
 class Hold:
-    """The reservations of one call on every budget that applies."""
+    """The reservations of one call on every budget that applies.
 
-    __slots__ = ("reservations",)
+    A streaming call reports its progress (`sending()` when the request goes out, `streamed(text)`
+    per delta) so that a cancelled or abandoned stream settles to what can have been billed.
+    """
+
+    __slots__ = ("reservations", "streamed_bytes")
 
     def __init__(self, reservations: list[Reservation]) -> None:
         self.reservations = reservations
+        self.streamed_bytes: int | None = None  # None: no streaming request went out
+
+    def sending(self) -> None:
+        """A streaming request goes out now."""
+        if self.streamed_bytes is None:
+            self.streamed_bytes = 0
+
+    def streamed(self, text: str) -> None:
+        self.streamed_bytes = (self.streamed_bytes or 0) + len(text.encode("utf-8"))
 
     def settle(self, usage: Any) -> None:
-        cost = getattr(usage, "cost_msats", None)
+        self.settle_msats(getattr(usage, "cost_msats", None))
+
+    def settle_msats(self, cost: int | None) -> None:
+        """Spent `cost` msats on every budget (None: unknown, the whole reservation is kept)."""
         for r in self.reservations:
             r.settle(cost)
 
@@ -334,10 +364,23 @@ class Hold:
             r.settle(None)
 
 
-_NO_HOLD = Hold([])
+class _NoHold(Hold):
+    """The hold when no budget applies: shared, so it records nothing."""
+
+    __slots__ = ()
+
+    def sending(self) -> None:
+        return None
+
+    def streamed(self, text: str) -> None:
+        return None
+
+
+_NO_HOLD = _NoHold([])
 
 # Outcome unknown: the provider may have done (and billed) the work.
 _UNKNOWN_OUTCOME = (TimeoutError, ResponseFormatError, asyncio.CancelledError, GeneratorExit)
+_ABANDONED = (asyncio.CancelledError, GeneratorExit)
 
 
 class _NoGuard:
@@ -367,6 +410,31 @@ def guard(lm: Any, req: Request) -> contextlib.AbstractAsyncContextManager[Hold]
     return _guard(lm, req, budgets)
 
 
+def billed_so_far(lm: Any, req: Request, hold: Hold) -> int | None:
+    """What a provider can have billed for a stream cut short by the caller: the prompt estimate plus
+    the streamed text at bytes / 2 tokens, at list price; None when unknown (self-priced or unpriced)."""
+    if getattr(lm, "worst_case_msats", None) is not None:
+        return None
+    completion = math.ceil((hold.streamed_bytes or 0) / 2)
+    return pricing.cost_msats(lm.provider, lm.model, estimate_prompt_tokens(req), completion)
+
+
+def _after_failure(lm: Any, req: Request, hold: Hold, e: BaseException) -> None:
+    spent = getattr(e, "spent_msats", None)
+    if getattr(e, "spent_unknown", False):
+        hold.keep()
+    elif isinstance(spent, int) and not isinstance(spent, bool):
+        hold.settle_msats(spent)
+    elif isinstance(e, _ABANDONED) and hold.streamed_bytes is not None:
+        cost = billed_so_far(lm, req, hold)
+        for r in hold.reservations:
+            r.settle(None if cost is None else min(cost, r.amount))
+    elif isinstance(e, _UNKNOWN_OUTCOME):
+        hold.keep()
+    else:
+        hold.release()
+
+
 @contextlib.asynccontextmanager
 async def _guard(lm: Any, req: Request, budgets: tuple[Budget, ...]) -> AsyncIterator[Hold]:
     wc = lm_worst_case(lm, req)
@@ -385,10 +453,7 @@ async def _guard(lm: Any, req: Request, budgets: tuple[Budget, ...]) -> AsyncIte
     try:
         yield hold
     except BaseException as e:
-        if isinstance(e, _UNKNOWN_OUTCOME):
-            hold.keep()
-        else:
-            hold.release()
+        _after_failure(lm, req, hold, e)
         raise
     else:
         hold.keep()  # no-op when the call settled; otherwise the cost is unknown

@@ -236,6 +236,7 @@ class BaseLM:
 
         async def first() -> Any:
             nonlocal agen
+            hold.sending()  # a cancelled stream settles to what was streamed (dsrs.budget)
             agen = backend.stream(req).__aiter__()
             try:
                 return await agen.__anext__()
@@ -255,6 +256,7 @@ class BaseLM:
                             cache.put(key, c)  # type: ignore[union-attr]
                         yield StreamEnd(c)
                         return
+                    hold.streamed(item)
                     yield item
                     item = await agen.__anext__()
             finally:
