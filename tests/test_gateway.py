@@ -340,12 +340,17 @@ def test_client_disconnect_mid_stream_cancels_the_upstream(scripted: Any) -> Non
             budget = gw.runtime.budgets["all"]
             assert budget.open_reservations == 1 and budget.reserved_msats > 0
         assert up.cancelled.wait(30), "the upstream stream was not cancelled"
-        # the guard's rule for an abandoned call: no open reservation left; its worst case is kept as spent
+        # the guard's rule for an abandoned stream: settled to the prompt estimate plus what was streamed
         for _ in range(300):
             if budget.open_reservations == 0:
                 break
             threading.Event().wait(0.01)
         assert budget.open_reservations == 0 and budget.reserved_msats == 0
+        from dsrs import pricing
+        from dsrs.budget import MESSAGE_OVERHEAD
+
+        # "hi": 2 bytes / 2 + MESSAGE_OVERHEAD prompt tokens; "Hello": 5 bytes / 2 rounded up
+        assert budget.spent_msats == pricing.cost_msats("openai", "gpt-4o-mini", 1 + MESSAGE_OVERHEAD, 3)
         scripted.script(chat_reply("after"))
         r = sdk(gw).chat.completions.create(model="remote", messages=[{"role": "user", "content": "x"}], max_tokens=5)
         assert r.choices[0].message.content == "after"
