@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import urllib.request
@@ -448,3 +449,124 @@ def test_the_documented_config_example_parses() -> None:
     assert cfg.models["gpt-5.5"].lanes == ("local", "swarm") and cfg.keys["alice"].budget == "key:alice"
     assert cfg.keys["alice"].sha256 == config.key_hash("sk-alice-distinct-123")
     assert "sk-alice" not in repr(cfg) and cfg.keys["alice"].sha256 not in repr(cfg)
+
+
+# -- malformed fields: a 400 naming the field, never a 500 ------------------------------------------
+@pytest.fixture
+def remote_gateway(scripted: Any) -> Iterator[InProcessGateway]:
+    gw = InProcessGateway({"cache": {"enabled": False}, "lanes": {"remote": _scripted_lane(scripted)},
+                           "keys": {"alice": {"key_env": "CLIENT_KEY"}}})  # fmt: skip
+    yield gw
+    gw.close()
+
+
+def _post_raw(url: str, body: bytes) -> tuple[int, str]:
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {CLIENT_KEY}"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+_USER = [{"role": "user", "content": "x"}]
+_CHAT_CASES: list[tuple[dict[str, Any], str]] = [
+    ({"response_format": "json_object"}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": "s"}}, "response_format.json_schema"),
+    ({"stream": True, "stream_options": "yes"}, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ({"stream": "false"}, "stream"),
+    ({"tools": 5}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 5}}]}, "tools[0].function.parameters"),
+    ({"tool_choice": {"type": "function", "function": "f"}}, "tool_choice.function"),
+    ({"tool_choice": 5}, "tool_choice"),
+    ({"messages": [{"role": "assistant", "content": "a", "tool_calls": 5}, *_USER]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "tool", "tool_call_id": 5, "content": "r"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "user", "content": "x", "name": ["n"]}]}, "messages[0].name"),
+]
+_RESPONSES_CASES: list[tuple[dict[str, Any], str]] = [
+    ({"tools": 5}, "tools"),
+    ({"text": "json"}, "text"),
+    ({"text": {"format": "json"}}, "text.format"),
+    ({"stream": 1}, "stream"),
+    ({"input": [{"type": "function_call_output", "call_id": 5, "output": "r"}]}, "input[0].call_id"),
+]
+
+
+def test_malformed_fields_are_400s_naming_the_field(remote_gateway: InProcessGateway, scripted: Any,
+                                                    caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    chat, responses = remote_gateway.url + "/v1/chat/completions", remote_gateway.url + "/v1/responses"
+    cases = [(chat, {"model": "remote", "messages": _USER, **extra}, p) for extra, p in _CHAT_CASES]
+    cases += [(responses, {"model": "remote", "input": "x", **extra}, p) for extra, p in _RESPONSES_CASES]
+    for url, body, param in cases:
+        status, text = _post_raw(url, json.dumps(body).encode())
+        err = json.loads(text)["error"]
+        assert (status, err["param"], err["type"]) == (400, param, "invalid_request_error"), (body, text)
+        assert param.rsplit(".", 1)[-1].split("[")[0] in err["message"]
+    # NaN and Infinity are not finite numbers (Python's json reads them; the range check must not pass them)
+    for value in (b"NaN", b"Infinity", b"-Infinity"):
+        status, text = _post_raw(chat, b'{"model": "remote", "messages": [{"role": "user", "content": "x"}], "temperature": %s}' % value)
+        assert status == 400 and json.loads(text)["error"]["param"] == "temperature", text
+    status, text = _post_raw(responses, b'{"model": "remote", "input": "x", "top_p": NaN}')
+    assert status == 400 and json.loads(text)["error"]["param"] == "top_p"
+    # JSON nested past the parser's recursion limit, and deep but parseable
+    for depth in (100_000, 100):
+        status, text = _post_raw(chat, b'{"model": "remote", "messages": [{"role": "user", "content": "x"}], "metadata": '
+                                 + b"[" * depth + b"]" * depth + b"}")  # fmt: skip
+        assert status == 400 and json.loads(text)["error"]["code"] == "invalid_json", text[:300]
+    assert scripted.requests == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no tracebacks logged
+    scripted.script(chat_reply("still here"))
+    r = sdk(remote_gateway).chat.completions.create(model="remote", messages=_USER)
+    assert r.choices[0].message.content == "still here"
+
+
+def _paths(v: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    if at:
+        yield at
+    items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+    for k, x in items:
+        yield from _paths(x, (*at, k))
+
+
+def _replaced(v: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    out = dict(v) if isinstance(v, dict) else list(v)
+    out[path[0]] = _replaced(v[path[0]], path[1:], new)
+    return out
+
+
+def test_any_field_of_the_wrong_type_is_never_a_500(remote_gateway: InProcessGateway, scripted: Any,
+                                                     caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """Every field (at every depth) of a full request on both wires, replaced by each JSON type."""
+    fn = {"name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}}
+    chat = {"model": "remote", "messages": [
+        {"role": "system", "content": "s"},
+        {"role": "assistant", "content": "a", "tool_calls": [{"id": "c1", "type": "function",
+                                                              "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "r", "name": "f"},
+        {"role": "user", "content": [{"type": "text", "text": "x"}]}],
+        "max_tokens": 5, "temperature": 0.5, "top_p": 1, "seed": 1, "stop": ["z"],
+        "tools": [{"type": "function", "function": fn}], "tool_choice": {"type": "function", "function": {"name": "f"}},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": {"type": "object"}}},
+        "stream": False, "stream_options": {"include_usage": True}}  # fmt: skip
+    responses = {"model": "remote", "instructions": "i", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "x"}]},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "r"}],
+        "max_output_tokens": 5, "temperature": 0.5, "tools": [{"type": "function", **fn}], "tool_choice": "auto",
+        "text": {"format": {"type": "json_schema", "name": "o", "schema": {"type": "object"}}}, "stream": False}  # fmt: skip
+    scripted.script(default=chat_reply("ok"))
+    seen: dict[int, int] = {}
+    for url, base in ((remote_gateway.url + "/v1/chat/completions", chat), (remote_gateway.url + "/v1/responses", responses)):
+        for path in _paths(base):
+            for new in (5, 1.5, "x", [], [[1]], {}, {"a": {}}, False, None):
+                status, text = _post_raw(url, json.dumps(_replaced(base, path, new)).encode())
+                seen[status] = seen.get(status, 0) + 1
+                assert status in (200, 400, 404), (path, new, status, text[:300])  # 404: an unknown model name
+                if status != 200:
+                    assert json.loads(text)["error"]["type"] == "invalid_request_error"
+    assert seen[200] > 50 and seen[400] > 50  # both kinds were exercised
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -62,9 +62,13 @@ async def _body(request: web.Request, limit: int) -> Any:
     except web.HTTPRequestEntityTooLarge:
         raise wire.WireError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large") from None
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except ValueError as e:
         raise wire.WireError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise wire.WireError(400, "the request body is nested too deeply", code="invalid_json") from None
+    wire.check_depth(body)
+    return body
 
 
 def _auth(rt: Runtime, request: web.Request) -> KeyConfig:

@@ -15,6 +15,7 @@ lanes: lanes get the function tools.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -90,8 +91,9 @@ def _number(body: dict[str, Any], name: str, kind: type, lo: float | None = None
     v = body.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
-        raise bad(f"{name} must be {'an integer' if kind is int else 'a number'}", name)
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int))
+            or not math.isfinite(v)):  # fmt: skip
+        raise bad(f"{name} must be {'an integer' if kind is int else 'a finite number'}", name)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise bad(f"{name}={v} is out of range [{lo}, {hi if hi is not None else 'inf'}]", name)
     return v
@@ -107,6 +109,54 @@ def _sampling(body: dict[str, Any], max_name: str) -> dict[str, Any]:
         if v is not None:
             o[name] = v
     return o
+
+
+def _obj(v: Any, param: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise bad(f"{param} must be an object, not {_kind(v)}", param)
+    return v
+
+
+def _array(v: Any, param: str) -> list[Any]:
+    """A JSON array (None: empty)."""
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise bad(f"{param} must be an array, not {_kind(v)}", param)
+    return v
+
+
+def _string(v: Any, param: str) -> str | None:
+    if v is not None and not isinstance(v, str):
+        raise bad(f"{param} must be a string, not {_kind(v)}", param)
+    return v
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    v = body.get(name)
+    if v is not None and not isinstance(v, bool):
+        raise bad(f"{name} must be true or false, not {_kind(v)}", name)
+    return bool(v)
+
+
+def _kind(v: Any) -> str:
+    """The JSON type of a value, for messages."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    return {str: "a string", int: "a number", float: "a number", list: "an array", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def check_depth(body: Any, limit: int = 64) -> None:
+    """Refuse JSON nested deeper than `limit` (no request needs it; deep nesting only exhausts the stack)."""
+    todo = [(body, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            if d > limit:
+                raise bad(f"the request body is nested deeper than {limit} levels", None, "invalid_json")
+            todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
 
 
 def _text(content: Any, where: str) -> str:
@@ -139,6 +189,13 @@ def _tool_choice_from_responses(tc: Any) -> Any:
 
 
 def _check_choice(tc: Any, param: str) -> None:
+    if isinstance(tc, dict):
+        if tc.get("function") is not None:
+            _string(_obj(tc["function"], f"{param}.function").get("name"), f"{param}.function.name")
+        _string(tc.get("name"), f"{param}.name")
+        _string(tc.get("type"), f"{param}.type")
+    elif not isinstance(tc, str):
+        raise bad(f"{param} must be a string or an object, not {_kind(tc)}", param)
     try:
         convert.tool_choice(tc)
     except errors.ConfigurationError as e:
@@ -146,8 +203,10 @@ def _check_choice(tc: Any, param: str) -> None:
 
 
 def _check_format(rf: Any, param: str) -> None:
-    if not isinstance(rf, dict):
-        raise bad(f"{param} must be an object", param)
+    _obj(rf, param)
+    if rf.get("json_schema") is not None:
+        js = _obj(rf["json_schema"], f"{param}.json_schema")
+        _string(js.get("name"), f"{param}.json_schema.name")
     try:
         convert.output(rf)
     except errors.ConfigurationError as e:
@@ -172,14 +231,17 @@ def parse_chat(body: Any) -> Call:
             raise bad(f"{where}: role must be system, developer, user, assistant or tool", where)
         role = "system" if m["role"] == "developer" else m["role"]
         calls = []
-        for j, tc in enumerate(m.get("tool_calls") or ()):
+        for j, tc in enumerate(_array(m.get("tool_calls"), f"{where}.tool_calls")):
             fn = tc.get("function") if isinstance(tc, dict) else None
-            if not isinstance(fn, dict) or not fn.get("name"):
-                raise bad(f"{where}.tool_calls[{j}] needs function.name", f"{where}.tool_calls")
-            calls.append(convert.tool_call(tc.get("id") or "", fn["name"], fn.get("arguments")))
-        if role == "tool" and not m.get("tool_call_id"):
+            if not isinstance(fn, dict) or not fn.get("name") or not isinstance(fn["name"], str):
+                raise bad(f"{where}.tool_calls[{j}] needs function.name (a string)", f"{where}.tool_calls")
+            cid = _string(tc.get("id"), f"{where}.tool_calls[{j}].id")
+            calls.append(convert.tool_call(cid or "", fn["name"], fn.get("arguments")))
+        call_id = _string(m.get("tool_call_id"), f"{where}.tool_call_id")
+        if role == "tool" and not call_id:
             raise bad(f"{where}: a tool message needs tool_call_id", f"{where}.tool_call_id")
-        msgs.append(Message(role, _text(m.get("content"), where), tuple(calls), m.get("tool_call_id"), m.get("name")))
+        name = _string(m.get("name"), f"{where}.name")
+        msgs.append(Message(role, _text(m.get("content"), where), tuple(calls), call_id, name))
     if body.get("functions"):
         raise bad("the legacy 'functions' parameter is not supported: use 'tools'", "functions", "unsupported_parameter")
     o = _sampling(body, "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens")
@@ -194,28 +256,32 @@ def parse_chat(body: Any) -> Call:
         if stop:
             o["stop"] = tuple(stop)
     tools = []
-    for j, t in enumerate(body.get("tools") or ()):
+    for j, t in enumerate(_array(body.get("tools"), "tools")):
         fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
-        if not isinstance(fn, dict) or not fn.get("name"):
+        if not isinstance(fn, dict) or not fn.get("name") or not isinstance(fn["name"], str):
             raise bad(f"tools[{j}] must be {{'type': 'function', 'function': {{'name': ...}}}}", f"tools[{j}]")
-        tools.append(_tool(fn))
+        tools.append(_tool(fn, f"tools[{j}].function"))
     if tools:
         o["tools"] = tuple(tools)
     if body.get("tool_choice") is not None:
         _check_choice(body["tool_choice"], "tool_choice")
         o["tool_choice"] = body["tool_choice"]
     rf = body.get("response_format")
-    if rf is not None and rf.get("type") != "text":
+    if rf is not None and _obj(rf, "response_format").get("type") != "text":
         _check_format(rf, "response_format")
         o["response_format"] = rf
-    stream = bool(body.get("stream"))
-    include = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
-    return Call(model, tuple(msgs), o, stream, include)
+    stream = _flag(body, "stream")
+    opts = body.get("stream_options")
+    include = _obj(opts, "stream_options").get("include_usage") if opts is not None else None
+    if include is not None and not isinstance(include, bool):
+        raise bad(f"stream_options.include_usage must be true or false, not {_kind(include)}", "stream_options.include_usage")
+    return Call(model, tuple(msgs), o, stream, bool(include) and stream)
 
 
-def _tool(fn: dict[str, Any]) -> Tool:
-    params = fn.get("parameters") or {"type": "object", "properties": {}}
-    return Tool(str(fn["name"]), str(fn.get("description") or ""), params)
+def _tool(fn: dict[str, Any], where: str) -> Tool:
+    params = fn.get("parameters")
+    params = {"type": "object", "properties": {}} if params is None else _obj(params, f"{where}.parameters")
+    return Tool(fn["name"], _string(fn.get("description"), f"{where}.description") or "", params)
 
 
 # -- Responses in ---------------------------------------------------------------------------------
@@ -246,7 +312,8 @@ def parse_responses(body: Any) -> Call:
             msgs.append(Message("system" if role == "developer" else role, _text(it.get("content"), where)))
         elif kind in ("function_call", "custom_tool_call"):
             args = it.get("arguments") if kind == "function_call" else {"input": it.get("input") or ""}
-            call = convert.tool_call(it.get("call_id") or it.get("id") or "", str(it.get("name") or ""), args)
+            cid = _string(it.get("call_id"), f"{where}.call_id") or _string(it.get("id"), f"{where}.id") or ""
+            call = convert.tool_call(cid, _string(it.get("name"), f"{where}.name") or "", args)
             if msgs and msgs[-1].role == "assistant":
                 last = msgs[-1]
                 msgs[-1] = Message("assistant", last.content, last.tool_calls + (call,))
@@ -255,20 +322,20 @@ def parse_responses(body: Any) -> Call:
         elif kind in ("function_call_output", "custom_tool_call_output"):
             out = it.get("output")
             text = out if isinstance(out, str) else _text(out, where) if isinstance(out, list) else json.dumps(out)
-            msgs.append(Message.tool(str(it.get("call_id") or ""), text))
+            msgs.append(Message.tool(_string(it.get("call_id"), f"{where}.call_id") or "", text))
         elif kind == "reasoning":
             continue  # the lane's own reasoning is not replayed
         else:
             raise bad(f"{where}: input item type {kind!r} is not supported", where, "unsupported_content")
     o = _sampling(body, "max_output_tokens")
     tools = []
-    for j, t in enumerate(body.get("tools") or ()):
+    for j, t in enumerate(_array(body.get("tools"), "tools")):
         if not isinstance(t, dict):
             raise bad(f"tools[{j}] must be an object", f"tools[{j}]")
         if t.get("type") == "function":
-            if not t.get("name"):
-                raise bad(f"tools[{j}] needs a name", f"tools[{j}]")
-            tools.append(_tool(t))
+            if not t.get("name") or not isinstance(t["name"], str):
+                raise bad(f"tools[{j}] needs a name (a string)", f"tools[{j}]")
+            tools.append(_tool(t, f"tools[{j}]"))
     if tools:
         o["tools"] = tuple(tools)
     tc = body.get("tool_choice")
@@ -276,14 +343,14 @@ def parse_responses(body: Any) -> Call:
         tc = _tool_choice_from_responses(tc)
         _check_choice(tc, "tool_choice")
         o["tool_choice"] = tc
-    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+    fmt = _obj(body["text"], "text").get("format") if body.get("text") is not None else None
+    if fmt is not None and _obj(fmt, "text.format").get("type") not in (None, "text"):
         rf = fmt
         if fmt.get("type") == "json_schema":
             rf = {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "schema", "strict") if k in fmt}}
         _check_format(rf, "text.format")
         o["response_format"] = rf
-    return Call(model, tuple(msgs), o, bool(body.get("stream")))
+    return Call(model, tuple(msgs), o, _flag(body, "stream"))
 
 
 # -- out: shared ----------------------------------------------------------------------------------
