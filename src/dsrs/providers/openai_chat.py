@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import errors, http
 from ..types import Completion, LmUsage, Message, Request, ToolCall
+from . import convert
 from .base import HttpBackend
 
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls",
@@ -63,12 +64,7 @@ def encode(req: Request, quirks: frozenset[str], stream: bool, stream_usage: boo
 
 def _tool_call(tc: dict[str, Any]) -> ToolCall:
     fn = tc.get("function") or {}
-    raw = fn.get("arguments") or "{}"
-    try:
-        args = json.loads(raw) if isinstance(raw, str) else raw
-        return ToolCall(tc.get("id") or "", fn.get("name", ""), args)
-    except ValueError:
-        return ToolCall(tc.get("id") or "", fn.get("name", ""), {}, raw_arguments=raw)
+    return convert.tool_call(tc.get("id") or "", fn.get("name", ""), fn.get("arguments"))
 
 
 def usage(u: dict[str, Any] | None) -> LmUsage:
@@ -96,7 +92,8 @@ def decode(payload: Any, provider: str, model: str) -> Completion:
         text = msg.get("content") or ""
         if isinstance(text, list):
             text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-        calls = tuple(_tool_call(tc) for tc in msg.get("tool_calls") or ())
+        tcs = msg.get("tool_calls")
+        calls = tuple(_tool_call(tc) for tc in tcs) if tcs else ()  # no generator for the usual no-tools answer
         finish = _FINISH.get(choice.get("finish_reason") or "", "unknown")
     except (KeyError, IndexError, TypeError, AttributeError):
         if isinstance(payload, dict) and "error" in payload:  # some servers send errors with 200
