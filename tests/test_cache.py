@@ -98,3 +98,28 @@ async def test_cache_off_by_default(scripted):
     lm = LM("openai/gpt-4o", base_url=scripted.url + "/v1", api_key="sk-x")
     assert (await lm.acall("q")).text == "a"
     assert (await lm.acall("q")).text == "b"
+
+
+def test_api_version_and_beta_headers_change_the_key_but_auth_headers_do_not():
+    lm = LM("azure/dep", api_key="k")
+
+    def key_of(x):
+        return cache_key(x.provider, x.request("hi"), x._cache_scope())
+
+    assert key_of(lm.with_options(api_version="2024-10-21")) != key_of(lm.with_options(api_version="2025-01-01"))
+    assert key_of(lm.with_options(headers={"anthropic-beta": "a"})) != key_of(lm)
+    assert key_of(lm.with_options(headers={"Authorization": "Bearer x", "X-Api-Key": "y"})) == key_of(lm)
+
+
+async def test_a_cached_answer_cannot_be_changed_by_its_caller(scripted, tmp_path):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Paris"}'}}
+    reply = chat_reply("")
+    reply.json["choices"][0]["message"]["tool_calls"] = [call]
+    scripted.script(reply)
+    lm = LM("openai/gpt-4o", base_url=scripted.url + "/v1", api_key="k").with_cache(Cache(SqliteStore(tmp_path / "c")))
+    first = await lm.acall("q")
+    first.tool_calls[0].arguments["city"] = "MUTATED"
+    hit = await lm.acall("q")
+    hit.tool_calls[0].arguments["city"] = "MUTATED again"
+    again = await lm.acall("q")
+    assert again.tool_calls[0].arguments == {"city": "Paris"} and len(scripted.requests) == 1

@@ -148,11 +148,12 @@ async def test_classification_ignores_message_text(scripted, fake_retry):
     assert not isinstance(e.value, dsrs.ContextWindowExceededError)
 
 
-async def test_malformed_json_is_a_format_error_after_retries(scripted, fake_retry):
+async def test_malformed_200_is_a_format_error_and_not_retried(scripted, fake_retry):
+    # as in the official SDKs: the provider answered (and billed); asking again would pay twice
     scripted.script(default=Reply(200, body=b'{"choices": [', headers={"Content-Type": "application/json"}))
     with pytest.raises(dsrs.ResponseFormatError):
         await lm_for(scripted, fake_retry).acall("hi")
-    assert len(scripted.requests) == 3
+    assert len(scripted.requests) == 1
 
 
 async def test_stream_cut_midway(scripted, fake_retry):
@@ -230,3 +231,30 @@ def test_google_error_details_are_read():
            "violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]}  # fmt: skip
     e = dsrs.errors.from_response(429, body("RESOURCE_EXHAUSTED", 429, day), provider="gemini", model="g")
     assert isinstance(e, dsrs.QuotaExceededError)
+
+
+async def test_gemini_retry_delay_from_the_body_is_waited(scripted, fake_retry, sleeps):
+    body = {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "slow down", "details": [
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "34s"}]}}  # fmt: skip
+    ok = Reply(json={"candidates": [{"content": {"parts": [{"text": "hi"}], "role": "model"}, "finishReason": "STOP"}],
+                     "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1, "totalTokenCount": 4}})  # fmt: skip
+    scripted.script(Reply(429, json=body), ok)
+    lm = LM("gemini/gemini-2.5-flash", base_url=scripted.url, api_key="g", retry_policy=fake_retry)
+    assert (await lm.acall("hi")).text == "hi"
+    assert sleeps == [34.0]
+
+
+async def test_missing_usage_is_unknown_cost_not_free(scripted, fake_retry):
+    reply = chat_reply("ok")
+    del reply.json["usage"]
+    scripted.script(reply)
+    c = await lm_for(scripted, fake_retry).acall("hi")
+    assert c.usage.cost_msats is None and c.usage.estimated
+
+
+async def test_per_call_options_are_checked(scripted, fake_retry):
+    lm = lm_for(scripted, fake_retry)
+    for bad in ({"temprature": 0.2}, {"timeout": 1}, {"api_key": "other"}):
+        with pytest.raises(dsrs.ConfigurationError):
+            await lm.acall("hi", **bad)
+    assert scripted.requests == []

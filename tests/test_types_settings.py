@@ -95,3 +95,55 @@ def test_import_is_light_and_side_effect_free(tmp_path):
 def test_lm_repr_is_informative():
     r = repr(dsrs.LM("openai/gpt-4o", temperature=0.1))
     assert "openai" in r and "gpt-4o" in r and "temperature=0.1" in r
+
+
+def test_anthropic_cache_writes_cost_more_than_input():
+    # claude-sonnet-4-5: 3 USD/M input, 3.75 USD/M cache writes, 0.30 USD/M cache reads
+    assert pricing.cost_msats("anthropic", "claude-sonnet-4-5", 1_000_000, 0, cache_write=1_000_000) == 3_750_000
+    assert pricing.cost_msats("anthropic", "claude-sonnet-4-5", 2_000_000, 0, cached=1_000_000) == 3_300_000
+    u = LmUsage(10, 0, 10, cache_write_tokens=4, calls=1) + LmUsage(10, 0, 10, cache_write_tokens=1, calls=1)
+    assert u.cache_write_tokens == 5
+
+
+def test_bad_settings_are_typed_errors(monkeypatch):
+    import pytest
+
+    with pytest.raises(dsrs.ConfigurationError):
+        dsrs.configure(msats_per_usdd=1)
+    monkeypatch.setenv("DSRS_MSATS_PER_USD", "1e6")
+    with pytest.raises(dsrs.ConfigurationError):
+        pricing.msats_per_usd()
+
+
+def test_sync_calls_from_many_threads_and_nested_sync_calls_do_not_leak_or_hang():
+    code = """
+import asyncio, gc, os, sys, threading
+sys.path.insert(0, %r)
+from scripted import ScriptedServer, chat_reply
+import dsrs
+s = ScriptedServer(); s.script(default=chat_reply("ok"))
+lm = dsrs.LM("openai/gpt-4o", base_url=s.url + "/v1", api_key="k")
+lm("warm")
+for _ in range(10):
+    asyncio.run(lm.acall("x"))
+fds = len(os.listdir("/proc/self/fd"))
+ts = [threading.Thread(target=lambda: lm("x")) for _ in range(20)]
+[t.start() for t in ts]; [t.join() for t in ts]
+for _ in range(20):
+    asyncio.run(lm.acall("x"))
+gc.collect()
+grown = len(os.listdir("/proc/self/fd")) - fds
+seen = []
+def hook(c):
+    if not seen:
+        seen.append(lm("nested").text)  # a sync call from code on the background loop
+async def main():
+    with dsrs.context(on_usage=(hook,)):
+        return lm("outer").text
+print(grown, asyncio.run(asyncio.wait_for(main(), 20)), seen)
+""" % os.path.dirname(__file__)
+    out = subprocess.run([sys.executable, "-W", "error::ResourceWarning", "-c", code], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    grown, outer, nested = out.stdout.split(" ", 2)
+    assert int(grown) <= 1 and outer == "ok" and nested.strip() == "['ok']"

@@ -18,28 +18,31 @@ _bg_loop: asyncio.AbstractEventLoop | None = None
 _bg_lock = threading.Lock()
 
 
-def _thread_loop() -> asyncio.AbstractEventLoop:
-    loop = getattr(_local, "loop", None)
-    if loop is None or loop.is_closed():
-        loop = _local.loop = asyncio.new_event_loop()
+class _ThreadLoop:
+    """A thread's own loop; closed (with its pooled connections) when the thread ends, or at exit."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
         if threading.current_thread() is threading.main_thread():
-            atexit.register(_close, loop)
-    return loop
+            atexit.register(self.close)
+
+    def close(self) -> None:
+        loop = self.loop
+        if loop.is_closed() or loop.is_running():
+            return
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())  # closes the loop's HTTP session (dsrs.http)
+        finally:
+            loop.close()
+
+    __del__ = close  # threading.local drops it when its thread ends
 
 
-def _close(loop: asyncio.AbstractEventLoop) -> None:
-    """At exit: close the pooled connections of the main thread's loop, then the loop."""
-    if loop.is_closed() or loop.is_running():
-        return
-    from .http import aclose
-
-    async def shutdown() -> None:
-        await aclose()
-
-    try:
-        loop.run_until_complete(shutdown())
-    finally:
-        loop.close()
+def _thread_loop() -> asyncio.AbstractEventLoop:
+    holder = getattr(_local, "holder", None)
+    if holder is None or holder.loop.is_closed():
+        holder = _local.holder = _ThreadLoop()
+    return holder.loop
 
 
 def _background_loop() -> asyncio.AbstractEventLoop:
@@ -49,8 +52,15 @@ def _background_loop() -> asyncio.AbstractEventLoop:
             loop = asyncio.new_event_loop()
             threading.Thread(target=loop.run_forever, name="dsrs-sync", daemon=True).start()
             _bg_loop = loop
-            atexit.register(loop.call_soon_threadsafe, loop.stop)
+            atexit.register(_stop_background, loop)
         return _bg_loop
+
+
+def _stop_background(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        asyncio.run_coroutine_threadsafe(loop.shutdown_asyncgens(), loop).result(timeout=5)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
 
 
 def _in_loop() -> bool:
@@ -64,7 +74,26 @@ def _in_loop() -> bool:
 def run(coro: Coroutine[Any, Any, T]) -> T:
     if not _in_loop():
         return _thread_loop().run_until_complete(coro)
-    return asyncio.run_coroutine_threadsafe(coro, _background_loop()).result()
+    loop = _background_loop()
+    if asyncio.get_running_loop() is loop:
+        # a sync call made from code already running on the background loop (e.g. a usage hook):
+        # waiting on that loop from itself would deadlock, so this one call gets its own thread
+        box: list[Any] = []
+        t = threading.Thread(target=lambda: box.append(_capture(coro)), name="dsrs-sync-nested")
+        t.start()
+        t.join()
+        ok, value = box[0]
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
+    return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+
+def _capture(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
+    try:
+        return True, _thread_loop().run_until_complete(coro)
+    except BaseException as e:  # handed to the caller's thread
+        return False, e
 
 
 def iterate(agen: AsyncIterator[T]) -> Iterator[T]:

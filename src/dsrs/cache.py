@@ -28,8 +28,11 @@ log = logging.getLogger("dsrs.cache")
 _KEY_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def cache_key(provider: str, req: Request) -> str:
+def cache_key(provider: str, req: Request, scope: dict[str, Any] | None = None) -> str:
+    """`scope`: connection options that change the answer (API version, beta headers); never secrets."""
     doc = {"v": KEY_VERSION, "provider": provider, "request": req.canonical()}
+    if scope:
+        doc["scope"] = scope
     return hashlib.sha256(_KEY_JSON.encode(doc).encode()).hexdigest()
 
 
@@ -41,17 +44,17 @@ class Store(Protocol):
 class MemoryLRU:
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
-        self._d: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._d: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def get(self, key: str) -> Any:
         with self._lock:
             v = self._d.get(key)
             if v is not None:
                 self._d.move_to_end(key)
             return v
 
-    def put(self, key: str, value: dict[str, Any]) -> None:
+    def put(self, key: str, value: Any) -> None:
         with self._lock:
             self._d[key] = value
             self._d.move_to_end(key)
@@ -163,18 +166,20 @@ class Cache:
         return self._store
 
     def get(self, key: str) -> Completion | None:
-        v = self.memory.get(key)
-        if v is None:
+        blob = self.memory.get(key)
+        if blob is not None:
+            v = json.loads(blob)  # a fresh object per hit: callers may mutate what they get
+        else:
             v = self.store.get(key)
             if v is None:
                 return None
-            self.memory.put(key, v)
+            self.memory.put(key, json.dumps(v, ensure_ascii=False))
         # marked as a hit while decoding (one usage object, not a decode then a `replace` copy)
         return Completion.from_json({**v, "usage": {**v["usage"], **_HIT}})
 
     def put(self, key: str, c: Completion) -> None:
         v = c.to_json()
-        self.memory.put(key, v)
+        self.memory.put(key, json.dumps(v, ensure_ascii=False))  # text: later mutation of `c` cannot reach it
         self.store.put(key, v)
 
 

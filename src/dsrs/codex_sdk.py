@@ -274,6 +274,10 @@ class CodexSdkLM(BaseLM):
         where = {k: o[k] for k in ("thread_id", "working_dir", "sandbox", "config") if o.get(k)}
         return dataclasses.replace(req, extra={**req.extra, "codex": where}) if where else req
 
+    def _cache(self) -> Any:
+        """A turn in a session depends on the thread's history, which moves on: never cached."""
+        return None if self._opts.get("thread_id") else super()._cache()
+
     def _make_backend(self) -> CodexExec:
         return CodexExec(self.model, self._opts)
 

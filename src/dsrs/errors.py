@@ -118,9 +118,10 @@ class ProviderUnavailableError(APIError):
 
 
 class ResponseFormatError(APIError):
-    """The provider's answer was not what its protocol promises (malformed JSON, cut stream)."""
+    """The provider's answer was not what its protocol promises (malformed JSON, cut stream).
 
-    retryable = True
+    Not retried, as in the official SDKs: the provider has answered (and billed) already.
+    """
 
 
 class SafetyBlockedError(APIError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from . import errors
 from .retry import parse_retry_after, should_retry_header
 
-_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+_sessions: dict[asyncio.AbstractEventLoop, Any] = {}  # a session refers to its loop: no weak keys
 _timeouts: dict[tuple[float | None, float | None], Any] = {}
 _aiohttp: Any = None
 
@@ -36,16 +35,36 @@ def session() -> Any:
     loop = asyncio.get_running_loop()
     s = _sessions.get(loop)
     if s is None or s.closed:
+        for old in [lp for lp in _sessions if lp.is_closed()]:  # loops that ended (asyncio.run...)
+            _forget(_sessions.pop(old))
         aiohttp = _lib()
         conn = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=False)
         s = aiohttp.ClientSession(connector=conn, json_serialize=json.dumps, skip_auto_headers=("User-Agent",))
         _sessions[loop] = s
-        weakref.finalize(loop, _forget, s)
+        _close_at_shutdown(s)
     return s
 
 
+async def _closer(s: Any) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        await s.close()
+
+
+def _close_at_shutdown(s: Any) -> None:
+    """Close `s` when its loop shuts down: an async generator started here is one the loop tracks, and
+    `loop.shutdown_asyncgens()` (which `asyncio.run` calls) finalizes it, running the `finally` above."""
+    gen = _closer(s)
+    s._dsrs_closer = gen  # the loop keeps only a weak reference
+    try:
+        gen.asend(None).send(None)  # run to the first `yield`, synchronously
+    except StopIteration:
+        pass
+
+
 def _forget(s: Any) -> None:
-    """The loop is gone: close the session's sockets without awaiting (no 'unclosed' warnings)."""
+    """The loop was closed without shutting down: drop the session without awaiting (best effort)."""
     try:
         conn = s._connector
         if conn is not None:
@@ -108,7 +127,8 @@ async def _raise_for(resp: Any, ep: Endpoint) -> None:
         model=ep.model,
         retry_after=parse_retry_after(resp.headers),
     )
-    err.retry_after = parse_retry_after(resp.headers)  # type: ignore[attr-defined]
+    if getattr(err, "retry_after", None) is None:  # a delay from the body (Gemini RetryInfo) stays
+        err.retry_after = parse_retry_after(resp.headers)  # type: ignore[attr-defined]
     err.should_retry = should_retry_header(resp.headers)  # type: ignore[attr-defined]
     raise err
 

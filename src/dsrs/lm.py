@@ -8,6 +8,7 @@ which backend answers (`_make_backend`).
 from __future__ import annotations
 
 import copy
+import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -39,6 +40,9 @@ def to_messages(x: Input) -> tuple[Message, ...]:
     if not msgs:
         raise ConfigurationError("no messages to send", hint="pass a prompt string or a list of messages")
     return msgs
+
+
+_SECRET_HEADER = re.compile(r"auth|key|token|secret|cookie|signature", re.I)
 
 
 def _float(x: Any) -> float | None:
@@ -146,6 +150,13 @@ class BaseLM:
     # -- requests ---------------------------------------------------------------------------
     def request(self, prompt: Input, **overrides: Any) -> Request:
         """The normalized request this LM would send for `prompt`."""
+        if overrides:
+            bad = [k for k in overrides if k not in _REQUEST_FIELDS]
+            if bad:
+                raise ConfigurationError(
+                    f"{', '.join(map(repr, bad))} cannot be set per call",
+                    hint="per call: " + ", ".join(_REQUEST_FIELDS) + f"; for the rest use {type(self).__name__}.with_options(...)",
+                )
         o = self._opts if not overrides else {**self._opts, **overrides}
         tools = o.get("tools") or ()
         stop = o.get("stop") or ()
@@ -172,6 +183,23 @@ class BaseLM:
             return c
         return default_cache()
 
+    def _cache_scope(self) -> dict[str, Any] | None:
+        """Connection options that change the answer too (an API version, beta headers), never secrets."""
+        o = self._opts
+        headers = {k.lower(): v for k, v in (o.get("headers") or {}).items() if not _SECRET_HEADER.search(k)}
+        scope = {k: v for k, v in (("api_version", o.get("api_version")), ("headers", headers)) if v}
+        return scope or None
+
+    def _lookup(self, req: Request, started: float) -> tuple[Cache | None, str | None, Completion | None]:
+        cache = self._cache()
+        if cache is None:
+            return None, None, None
+        key = cache_key(self.provider, req, self._cache_scope())
+        hit = cache.get(key)
+        if hit is not None and current().on_usage:
+            hit = self._finish(hit, started)
+        return cache, key, hit
+
     def _retry(self) -> RetryPolicy:
         p = self._opts.get("retry_policy") or _DEFAULT_RETRY
         n = self._opts.get("retries")
@@ -195,13 +223,9 @@ class BaseLM:
 
     async def acomplete(self, req: Request) -> Completion:
         started = time.perf_counter()
-        cache = self._cache()
-        key = None
-        if cache is not None:
-            key = cache_key(self.provider, req)
-            hit = cache.get(key)
-            if hit is not None:
-                return self._finish(hit, started) if current().on_usage else hit
+        cache, key, hit = self._lookup(req, started)
+        if hit is not None:
+            return hit
         backend = self.backend
         async with guard(self, req) as hold:
             c = await self._retry().run(lambda: backend.complete(req))
@@ -221,16 +245,12 @@ class BaseLM:
         """
         req = self.request(prompt, **overrides)
         started = time.perf_counter()
-        cache = self._cache()
-        key = None
-        if cache is not None:
-            key = cache_key(self.provider, req)
-            hit = cache.get(key)
-            if hit is not None:
-                if hit.text:
-                    yield hit.text
-                yield StreamEnd(self._finish(hit, started) if current().on_usage else hit)
-                return
+        cache, key, hit = self._lookup(req, started)
+        if hit is not None:
+            if hit.text:
+                yield hit.text
+            yield StreamEnd(hit)
+            return
         backend = self.backend
         agen = None
 

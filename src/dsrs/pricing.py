@@ -22,6 +22,7 @@ from .types import CostSource, LmUsage
 DEFAULT_MSATS_PER_USD = 1_000_000  # 1 USD = 1,000 sats, i.e. BTC at 100,000 USD; set DSRS_MSATS_PER_USD
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|latest)$")
 _MILLION = Decimal(1_000_000)
+_FREE = (Decimal(0), Decimal(0), Decimal(0), Decimal(0))
 
 
 @lru_cache(maxsize=1)
@@ -34,15 +35,24 @@ def msats_per_usd() -> int:
     if v is not None:
         return v
     env = os.environ.get("DSRS_MSATS_PER_USD")
-    return int(env) if env else DEFAULT_MSATS_PER_USD
+    if not env:
+        return DEFAULT_MSATS_PER_USD
+    try:
+        return int(env)
+    except ValueError:
+        from .errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"DSRS_MSATS_PER_USD must be a whole number of msats, got {env!r}", hint="e.g. DSRS_MSATS_PER_USD=1000000"
+        ) from None
 
 
 @lru_cache(maxsize=1024)  # the table is fixed: look each (provider, model) up once, not on every call
-def price(provider: str, model: str) -> tuple[Decimal, Decimal, Decimal] | None:
-    """(input, output, cached input) USD per million tokens, or None when unknown."""
+def price(provider: str, model: str) -> tuple[Decimal, Decimal, Decimal, Decimal] | None:
+    """(input, output, cached input, cache write) USD per million tokens, or None when unknown."""
     t = table()
     if provider in t["free_providers"]:
-        return (Decimal(0), Decimal(0), Decimal(0))
+        return _FREE
     vendor = t["aliases"].get(provider, provider)
     if vendor is None:
         return None
@@ -50,17 +60,20 @@ def price(provider: str, model: str) -> tuple[Decimal, Decimal, Decimal] | None:
     for name in (model, _SNAPSHOT.sub("", model)):
         row = models.get(f"{vendor}/{name}")
         if row:
-            pin, pout, pcached = (Decimal(str(x)) if x is not None else None for x in row)
-            return pin, pout, pcached if pcached is not None else pin  # type: ignore[return-value]
+            pin, pout, pcached, pwrite = (Decimal(str(x)) if x is not None else None for x in (*row, None)[:4])
+            return pin, pout, pin if pcached is None else pcached, pin if pwrite is None else pwrite  # type: ignore[return-value]
     return None
 
 
-def cost_msats(provider: str, model: str, prompt: int, completion: int, cached: int = 0) -> int | None:
+def cost_msats(
+    provider: str, model: str, prompt: int, completion: int, cached: int = 0, cache_write: int = 0
+) -> int | None:
+    """Whole msats (rounded up) for a call. `prompt` counts every input token, cached and written ones too."""
     p = price(provider, model)
     if p is None:
         return None
-    pin, pout, pcached = p
-    usd = ((prompt - cached) * pin + cached * pcached + completion * pout) / _MILLION
+    pin, pout, pcached, pwrite = p
+    usd = ((prompt - cached - cache_write) * pin + cached * pcached + cache_write * pwrite + completion * pout) / _MILLION
     return math.ceil(usd * msats_per_usd())
 
 
@@ -73,9 +86,12 @@ def apply(usage: LmUsage, provider: str, model: str) -> LmUsage:
         if usage.cost_msats is None and usage.cost_source is None:
             return usage  # already says "unknown": skip the copy
         return replace(usage, cost_msats=None, cost_source=None)
-    if p == (0, 0, 0):
+    if p == _FREE:
         return replace(usage, cost_msats=0, cost_source=CostSource.FREE)
-    c = cost_msats(provider, model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+    if usage.estimated and usage.total_tokens == 0:  # the provider reported no usage: unknown, not free
+        return replace(usage, cost_msats=None, cost_source=None)
+    c = cost_msats(provider, model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                   usage.cache_write_tokens)  # fmt: skip
     return replace(usage, cost_msats=c, cost_source=CostSource.ESTIMATE if usage.estimated else CostSource.PRICE_TABLE)
 
 

@@ -36,7 +36,17 @@ def configure(lm: Any = _UNSET, **kw: Any) -> None:
     global _global
     if lm is not _UNSET:
         kw["lm"] = lm
-    _global = dataclasses.replace(_global, **kw)
+    _global = dataclasses.replace(_global, **_checked(kw))
+
+
+def _checked(kw: dict[str, Any]) -> dict[str, Any]:
+    known = [f.name for f in dataclasses.fields(Settings)]
+    bad = [k for k in kw if k not in known]
+    if bad:
+        from .errors import ConfigurationError
+
+        raise ConfigurationError(f"unknown setting {', '.join(map(repr, bad))}", hint="known: " + ", ".join(known))
+    return kw
 
 
 def configure_with_adapter(lm: Any, adapter: Any) -> None:
@@ -48,7 +58,7 @@ def context(lm: Any = _UNSET, **kw: Any) -> Iterator[Settings]:
     """Override settings inside a `with` block, for this task or thread only."""
     if lm is not _UNSET:
         kw["lm"] = lm
-    token = _scoped.set(dataclasses.replace(current(), **kw))
+    token = _scoped.set(dataclasses.replace(current(), **_checked(kw)))
     try:
         yield current()
     finally:

@@ -143,6 +143,7 @@ class LmUsage:
     cache_hit: bool = False
     estimated: bool = False  # token counts were estimated, not reported
     calls: int = 0
+    cache_write_tokens: int = 0  # prompt tokens written to the provider's cache (Anthropic prices them higher)
 
     def __add__(self, other: LmUsage) -> LmUsage:
         if not isinstance(other, LmUsage):
@@ -165,6 +166,7 @@ class LmUsage:
             self.cache_hit and other.cache_hit if self.calls and other.calls else (self.cache_hit or other.cache_hit),
             self.estimated or other.estimated,
             self.calls + other.calls,
+            self.cache_write_tokens + other.cache_write_tokens,
         )
 
     __radd__ = __add__

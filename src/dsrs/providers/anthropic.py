@@ -88,10 +88,11 @@ def usage(u: dict[str, Any] | None) -> LmUsage:
     if not u:
         return LmUsage(calls=1, cost_msats=None, estimated=True)
     read = u.get("cache_read_input_tokens") or 0
-    p = (u.get("input_tokens") or 0) + (u.get("cache_creation_input_tokens") or 0) + read
+    write = u.get("cache_creation_input_tokens") or 0
+    p = (u.get("input_tokens") or 0) + write + read
     c = u.get("output_tokens") or 0
     return LmUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, cached_tokens=read,
-                   cost_msats=None, calls=1)  # fmt: skip
+                   cost_msats=None, calls=1, cache_write_tokens=write)  # fmt: skip
 
 
 def decode(payload: Any, provider: str, model: str) -> Completion:
