@@ -570,3 +570,28 @@ def test_any_field_of_the_wrong_type_is_never_a_500(remote_gateway: InProcessGat
                     assert json.loads(text)["error"]["type"] == "invalid_request_error"
     assert seen[200] > 50 and seen[400] > 50  # both kinds were exercised
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_transport_errors_name_the_lane_and_error_class_not_the_upstream_address(scripted: Any) -> None:
+    dead = {"lm": "openai/gpt-4o-mini", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "UPSTREAM_KEY",
+            "options": {"retries": 0}}  # fmt: skip
+    gw = InProcessGateway({"cache": {"enabled": False}, "lanes": {"dead": dead, "dead2": dead},
+                           "models": {"both": {"lanes": ["dead", "dead2"]}},
+                           "keys": {"alice": {"key_env": "CLIENT_KEY"}}})  # fmt: skip
+    try:
+        client = sdk(gw)
+        for model, lane in (("dead", "dead"), ("both", "dead2")):  # "both": the last lane tried is named
+            with pytest.raises(openai.InternalServerError) as ei:
+                client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+            err = ei.value.body
+            assert ei.value.status_code == 502 and err["code"] == "upstream_unreachable", err
+            assert err["message"] == f"[openai/gpt-4o-mini] lane {lane!r}: could not reach its upstream (ClientConnectorError)"
+            with pytest.raises(openai.InternalServerError) as ei:
+                with client.responses.stream(model=model, input="x") as s:
+                    list(s)
+            assert ei.value.status_code == 502 and ei.value.body["message"] == err["message"]
+        status, body = _post_raw(gw.url + "/v1/chat/completions", json.dumps(
+            {"model": "dead", "messages": [{"role": "user", "content": "x"}], "stream": True}).encode())  # fmt: skip
+        assert status == 502 and "127.0.0.1" not in body and ":9" not in body and "lane 'dead'" in body
+    finally:
+        gw.close()

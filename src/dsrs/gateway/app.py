@@ -103,7 +103,8 @@ class Handlers:
         return lane
 
     def _failed(self, route: Route | None, e: BaseException) -> wire.WireError:
-        w = wire.from_error(e)
+        tried = getattr(getattr(e, "route", None), "attempts", None)  # a LaneMux's: the last lane tried failed
+        w = wire.from_error(e, tried[-1].lane if tried else route.lane or route.name if route else None)
         if w.status >= 500 and w.code == "internal_error":
             log.exception("gateway: unexpected error", exc_info=e)
         lane = getattr(getattr(e, "route", None), "lane", None) or (route.lane or route.name if route else "-")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -543,14 +544,14 @@ class ResponsesStream:
 
 
 # -- errors out -----------------------------------------------------------------------------------
-def from_error(e: BaseException) -> WireError:
-    """The OpenAI-style answer to a dsrs error (never the provider's secrets: errors are scrubbed)."""
+def from_error(e: BaseException, lane: str | None = None) -> WireError:
+    """The OpenAI-style answer to a dsrs error (never the provider's secrets: errors are scrubbed).
+    `lane`: the lane that failed, named in transport errors instead of the upstream's address."""
     if isinstance(e, WireError):
         return e
+    if isinstance(e, errors.APIConnectionError):
+        return _transport(e, lane)
     msg = str(e)
-    if isinstance(e, errors.APIConnectionError) and e.hint:  # its hint names the upstream's address
-        hint, e.hint = e.hint, None
-        msg, e.hint = str(e), hint
     if isinstance(e, errors.BudgetExceededError):
         no_retry = {"x-should-retry": "false"}
         if e.code == "budget_unavailable":
@@ -565,8 +566,6 @@ def from_error(e: BaseException) -> WireError:
         return WireError(400, msg, code="context_length_exceeded", param="messages")
     if isinstance(e, (errors.ConfigurationError, errors.BadRequestError)):
         return WireError(400, msg, code=e.code or "invalid_request")
-    if isinstance(e, errors.TimeoutError):
-        return WireError(504, msg, type="timeout", code="upstream_timeout")
     if isinstance(e, (errors.AuthenticationError, errors.PermissionDeniedError)):
         # The upstream's credentials, not the client's: a 401 here would blame the wrong key.
         return WireError(502, msg, type="upstream_error", code="upstream_authentication")
@@ -574,3 +573,19 @@ def from_error(e: BaseException) -> WireError:
         status = 503 if type(e).__name__ == "NoLaneAvailableError" else 502
         return WireError(status, msg, type="upstream_error", code=e.code or "upstream_error")
     return WireError(500, "internal gateway error", type="server_error", code="internal_error")
+
+
+_CLASS = re.compile(r"([A-Za-z_][\w.]*): ")  # transport errors' text starts with the library's error class
+
+
+def _transport(e: errors.APIConnectionError, lane: str | None) -> WireError:
+    """A connection failure or timeout, told as which lane failed and the error class: the error's own
+    text and hint name the upstream's host and port, which stay private to the gateway."""
+    m = _CLASS.match(e.message or "")
+    cls = m.group(1) if m else type(e).__name__
+    where = "/".join(x for x in (e.provider, e.model) if x)
+    who = " ".join(x for x in (f"[{where}]" if where else "", f"lane {lane!r}" if lane else "the lane") if x)
+    if isinstance(e, errors.TimeoutError):
+        return WireError(504, f"{who}: no answer from its upstream within the timeout ({cls})", type="timeout",
+                         code="upstream_timeout")  # fmt: skip
+    return WireError(502, f"{who}: could not reach its upstream ({cls})", type="upstream_error", code="upstream_unreachable")
