@@ -10,8 +10,9 @@ trip) and whether Redis answered last time. Everything else takes a `RedisState`
   unpriced, settle to the actual cost, unknown cost keeps the reservation). Redis down:
   `on_down="fail_closed"` (default) refuses every call with `BudgetExceededError` code
   `budget_unavailable`; `on_down="local"` books on an in-process `Budget` holding what was left at
-  the last answer from Redis. A reservation whose settle cannot reach Redis stays reserved there
-  (counted as spent-or-pending, never lost in the budget's favour).
+  the last answer from Redis; when Redis answers again, what was spent and is still reserved
+  in-process goes to Redis in one script before Redis books anything else. A reservation whose
+  settle cannot reach Redis stays reserved there (never lost in the budget's favour).
 - `RateLimiter`: requests per minute per name (fixed one-minute windows, `INCR` + `EXPIRE`);
   Redis down: counted in this process instead.
 - `RedisLedger`: the usage ledger (`ledger.Ledger`'s record/rows/summary) on a Redis stream.
