@@ -33,6 +33,7 @@ class Ledger:
     accounts: dict[str, Account] = field(default_factory=dict)  # by client pubkey
     invoices: dict[str, dict[str, Any]] = field(default_factory=dict)  # by payment hash
     payments: list[dict[str, Any]] = field(default_factory=list)  # every settled payment
+    fee_msats: int = 0  # routing fee charged to the payer on each payment (reported as fees_paid)
 
     def open(self, balance_msats: int = 0) -> Account:
         a = Account(Keys.generate(), Keys.generate(), balance_msats)
@@ -61,13 +62,13 @@ class Ledger:
             return {"code": "PAYMENT_FAILED", "message": "invoice expired"}
         if inv.amount_msats is None:
             return {"code": "OTHER", "message": "amountless invoices are not supported"}
-        if payer.balance_msats < inv.amount_msats:
+        if payer.balance_msats < inv.amount_msats + self.fee_msats:
             return {"code": "INSUFFICIENT_BALANCE", "message": "not enough funds"}
-        payer.balance_msats -= inv.amount_msats
+        payer.balance_msats -= inv.amount_msats + self.fee_msats
         rec["payee"].balance_msats += inv.amount_msats
         rec["settled_at"] = int(time.time())
         self.payments.append({"payer": payer.keys.pubkey, "payment_hash": inv.payment_hash, "amount": inv.amount_msats})
-        return {"preimage": rec["preimage"], "fees_paid": 0}
+        return {"preimage": rec["preimage"], "fees_paid": self.fee_msats}
 
     def paid_total(self, payer: Account) -> int:
         return sum(p["amount"] for p in self.payments if p["payer"] == payer.keys.pubkey)

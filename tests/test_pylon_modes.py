@@ -116,6 +116,13 @@ def test_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.swarm_config().bid_msats == 10_000 and s.swarm_config().timeout == 30.0
 
 
+def test_hybrid_worst_case_is_free_without_swarm_fallback() -> None:
+    h = PylonLM.new_hybrid("wss://x").with_bid_msats(2000).with_fee_cap_msats(0)
+    req = h.request("hi")
+    assert h.worst_case_msats(req) == 2000  # may fall back to a paid swarm job
+    assert h.with_swarm_fallback(False).worst_case_msats(req) == 0  # never pays
+
+
 def test_sync_call_inside_and_outside_a_loop_on_local() -> None:
     out = PylonLM.new_local().with_max_tokens(4).with_temperature(0)(FEW_SHOT)
     assert "Paris" in out.text

@@ -6,7 +6,9 @@ Every hostile case asserts that nothing was paid. The job round trip with paymen
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
+import logging
 import statistics
 import time
 from typing import Any
@@ -14,10 +16,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from dsrs.errors import BudgetExceededError, TimeoutError
+from dsrs.errors import BudgetExceededError, ConfigurationError, TimeoutError
 from dsrs.nostr import Keys, sign
 from dsrs.budget import Budget
-from dsrs.pylon import PaymentRequiredError, PaymentUnknownError, PylonLM, SwarmJobError
+from dsrs.pylon import PaymentError, PaymentRequiredError, PaymentUnknownError, PylonLM, SwarmJobError
 from dsrs.types import CostSource
 from nwc_service import FakeProvider, Net, WalletService, honest, start_net, stop_net
 
@@ -371,3 +373,112 @@ async def test_a_lane_budget_reserves_the_bid_and_settles_to_the_paid_amount(net
         out, _ = await run_with(net, honest, lm)
     assert out.usage.cost_msats == PRICE
     assert (outer.spent_msats, outer.reserved_msats) == (PRICE, 0)
+
+
+# -- outer budgets (lanes, dsrs.configure/context, the gateway) know what the swarm paid -----------
+async def test_outer_budgets_keep_what_a_failed_job_paid(net: Net) -> None:
+    import dsrs
+
+    async def fails_after_payment(fp: FakeProvider, job: Any) -> None:
+        inv = await fp.quote(job, PRICE)
+        await fp.wait_paid(inv)
+        await fp.send(fp.feedback_event(job, "error", extra="model crashed"))
+
+    async def never_delivers(fp: FakeProvider, job: Any) -> None:
+        await fp.wait_paid(await fp.quote(job, PRICE))
+
+    async def silent(fp: FakeProvider, job: Any) -> None:
+        return None
+
+    lm = client(net, timeout=1.0).with_fee_cap_msats(0)
+    for script, err, code, spent in ((fails_after_payment, SwarmJobError, "provider_error", PRICE),
+                                     (never_delivers, SwarmJobError, "paid_no_result", PRICE),
+                                     (silent, TimeoutError, None, 0)):  # fmt: skip
+        outer = Budget(100_000)
+        with dsrs.context(budget=outer):
+            out, _ = await run_with(net, script, lm)
+        assert isinstance(out, err) and out.code == code, out
+        assert out.spent_msats == spent
+        assert (outer.spent_msats, outer.reserved_msats, outer.open_reservations) == (spent, 0, 0), script
+    # the payment's outcome is unknown: the outer budget keeps the worst case (bid + fee cap)
+    net.service.hold_payments = True
+    from dsrs.pylon import NwcWallet
+
+    outer = Budget(100_000)
+    unknown = lm.with_wallet(NwcWallet(net.service.uri(net.customer), timeout=0.3))
+    with dsrs.context(budget=outer):
+        out, _ = await run_with(net, honest, unknown)
+    assert isinstance(out, PaymentUnknownError) and out.spent_unknown
+    assert (outer.spent_msats, outer.reserved_msats) == (unknown.worst_case_msats(unknown.request("x")), 0)
+    out.reservation.release()
+
+
+# -- wallets and keys given as options ------------------------------------------------------------
+async def test_wallet_and_keys_as_options_are_coerced_and_hidden(net: Net) -> None:
+    uri = net.service.uri(net.customer)
+    secret = net.customer.keys.secret.hex()
+    me, me2 = Keys.generate(), Keys.generate()  # two identities: the same job twice would have one id
+    lms = [(me, PylonLM("swarm", relays=net.relay.url, wallet=uri, keys=me.nsec, bid_msats=5000, timeout=5.0)),
+           (me2, PylonLM.new_swarm(net.relay.url).with_bid_msats(5000).with_timeout(5.0).with_options(wallet=uri, keys=me2.secret.hex()))]  # fmt: skip
+    for me, lm in lms:
+        shown = repr(lm) + repr(lm.options)
+        assert secret not in shown and me.nsec not in shown and me.secret.hex() not in shown
+        out, _ = await run_with(net, honest, lm)
+        assert out.text == "ok" and out.usage.cost_msats == PRICE
+        assert net.relay.published(5050)[-1]["pubkey"] == me.pubkey
+    with pytest.raises(ConfigurationError, match="a wallet must be"):
+        PylonLM.new_swarm(net.relay.url).with_options(wallet=42)
+    with pytest.raises(ConfigurationError, match="Nostr secret key"):
+        PylonLM.new_swarm(net.relay.url).with_options(keys="nsec1nope")
+
+
+class _BrokenWallet:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    async def pay_invoice(self, invoice: str) -> Any:
+        raise self.exc
+
+
+async def test_a_wallet_that_raises_releases_the_reservation_unless_the_outcome_is_unknown(net: Net) -> None:
+    lm = client(net, timeout=5.0).with_wallet(_BrokenWallet(RuntimeError("boom")))
+    out, _ = await run_with(net, honest, lm)
+    assert isinstance(out, PaymentError) and out.code == "wallet_error" and "RuntimeError" in str(out)
+    b: Budget = lm.options["swarm_budget"]
+    assert (b.spent_msats, b.reserved_msats, b.open_reservations) == (0, 0, 0)
+    lm = client(net, timeout=5.0).with_wallet(_BrokenWallet(builtins.TimeoutError()))
+    out, _ = await run_with(net, honest, lm)
+    assert isinstance(out, PaymentUnknownError)
+    b = lm.options["swarm_budget"]
+    assert (b.reserved_msats, b.open_reservations) == (PRICE + 1010, 1) and out.reservation is not None
+    out.reservation.release()
+    assert net.paid() == 0
+
+
+# -- wallet fees ----------------------------------------------------------------------------------
+async def test_wallet_fees_are_paid_for_and_fees_over_the_cap_are_flagged(net: Net, caplog: pytest.LogCaptureFixture) -> None:
+    net.ledger.fee_msats = 7
+    lm = client(net)
+    out, _ = await run_with(net, honest, lm)
+    assert out.usage.cost_msats == PRICE + 7 and "fees_over_cap" not in out.raw
+    assert lm.options["swarm_budget"].spent_msats == PRICE + 7
+    assert net.customer.balance_msats == 1_000_000 - PRICE - 7
+    caplog.set_level(logging.WARNING, logger="dsrs.pylon")
+    lm = client(net).with_fee_cap_msats(5)
+    out, _ = await run_with(net, honest, lm)
+    assert out.usage.cost_msats == PRICE + 7 and out.raw["fees_over_cap"] is True
+    assert lm.options["swarm_budget"].spent_msats == PRICE + 7  # the truth, over the reservation
+    assert any("over the fee cap of 5 msats" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_bare_encryption_tag_in_the_wallet_info_means_nip04(net: Net) -> None:
+    from dsrs.nostr import Relay
+    from dsrs.pylon import NwcWallet
+
+    wallet_keys = Keys.generate()
+    r = Relay(net.relay.url, wallet_keys)
+    await r.publish(sign(wallet_keys, 13194, "pay_invoice", [["encryption"]]))
+    await r.close()
+    w = NwcWallet(f"nostr+walletconnect://{wallet_keys.pubkey}?relay={net.relay.url}&secret={Keys.generate().secret.hex()}",
+                  timeout=5)  # fmt: skip
+    assert await w.encryption() == "nip04"

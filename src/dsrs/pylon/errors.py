@@ -19,6 +19,7 @@ class PaymentUnknownError(PaymentError):
 
     fallback = False
     reservation: Any = None
+    spent_unknown = True  # budgets around the call keep their worst case (see dsrs.budget)
 
 
 class PaymentRequiredError(DsrsError):
@@ -32,6 +33,7 @@ class PaymentRequiredError(DsrsError):
 
 
 class SwarmJobError(APIError):
-    """The provider we chose (and maybe paid) failed the job, or never delivered after payment."""
+    """The provider we chose (and maybe paid) failed the job, or never delivered after payment.
+    `spent_msats` is what was paid for the job (budgets around the call settle to it)."""
 
     retryable = False

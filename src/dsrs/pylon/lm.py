@@ -78,6 +78,32 @@ class PylonLM(BaseLM):
     def __repr__(self) -> str:
         return super().__repr__().replace("PylonLM(pylon/", f"PylonLM({self.mode}/", 1)
 
+    def _set(self, opts: dict[str, Any]) -> None:
+        """Every way in (constructor, `with_options`, a gateway lane) gets the same checks as the
+        builders: a wallet URI becomes an `NwcWallet` and a secret key a `Keys`, so secrets never sit
+        in the options as strings (or show in reprs)."""
+        opts = dict(opts)
+        w = opts.get("wallet")
+        if isinstance(w, str):
+            from .wallet import NwcWallet
+
+            opts["wallet"] = NwcWallet(w)
+        elif w is not None and not callable(getattr(w, "pay_invoice", None)):
+            raise errors.ConfigurationError(f"a wallet must be a Wallet (e.g. NwcWallet) or a NWC URI, not {type(w).__name__}",
+                                            provider="pylon", hint="with_wallet('nostr+walletconnect://...')")  # fmt: skip
+        if opts.get("keys") is not None:
+            from ..nostr import Keys
+
+            if not isinstance(opts["keys"], Keys):
+                opts["keys"] = Keys(opts["keys"])
+        if opts.get("relays") is not None:
+            opts["relays"] = relays_from(opts["relays"])
+        if opts.get("provider_pubkey") is not None:
+            from ..nostr.keys import pubkey_hex
+
+            opts["provider_pubkey"] = pubkey_hex(opts["provider_pubkey"])
+        super()._set(opts)
+
     # -- builders -----------------------------------------------------------------------------
     def with_budget_msats(self, n: int) -> PylonLM:
         """A spending limit for swarm payments, shared by this LM and its copies."""
@@ -97,10 +123,6 @@ class PylonLM(BaseLM):
 
     def with_wallet(self, wallet: Any) -> PylonLM:
         """A `Wallet` (e.g. `NwcWallet(uri)`), or a nostr+walletconnect:// URI."""
-        if isinstance(wallet, str):
-            from .wallet import NwcWallet
-
-            wallet = NwcWallet(wallet)
         return self._with(wallet=wallet)
 
     def with_auto_pay(self, on: bool = True) -> PylonLM:
@@ -111,21 +133,17 @@ class PylonLM(BaseLM):
 
     def with_provider(self, pubkey: str) -> PylonLM:
         """Send jobs to one provider (npub or hex) and accept answers from it only."""
-        from ..nostr.keys import pubkey_hex
-
-        return self._with(provider_pubkey=pubkey_hex(pubkey))
+        return self._with(provider_pubkey=pubkey)
 
     def with_keys(self, keys: Any) -> PylonLM:
         """The customer identity (a `Keys`, nsec or hex); default PYLON_NSEC/KEY_FILE/MNEMONIC, else fresh per job."""
-        from ..nostr import Keys
-
-        return self._with(keys=keys if isinstance(keys, Keys) else Keys(keys))
+        return self._with(keys=keys)
 
     def with_fresh_keys(self, on: bool = True) -> PylonLM:
         return self._with(fresh_keys=on)
 
     def with_relays(self, *urls: str) -> PylonLM:
-        return self._with(relays=relays_from(list(urls)))
+        return self._with(relays=list(urls))
 
     def with_backend(self, backend: str) -> PylonLM:
         if backend not in _LOCAL:
@@ -152,8 +170,8 @@ class PylonLM(BaseLM):
 
     def worst_case_msats(self, req: Request) -> int:
         """For budgets applied around calls (lanes, dsrs.configure(budget=...)): local is free, a swarm
-        job costs at most its bid plus the fee cap."""
-        if self.mode == "local":
+        job costs at most its bid plus the fee cap (hybrid without swarm fallback never pays)."""
+        if self.mode == "local" or (self.mode == "hybrid" and not self._opts.get("swarm_fallback", True)):
             return 0
         cfg = self.swarm_config()
         return cfg.bid_msats + swarm.fee_cap(cfg, cfg.bid_msats)

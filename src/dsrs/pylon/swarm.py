@@ -12,7 +12,9 @@ provider only. The job is cancelled (kind 5) after the result. Prompts are publi
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..budget import Budget, Reservation
-from ..errors import APIConnectionError, BudgetExceededError, TimeoutError, UnsupportedFeatureError
+from ..errors import APIConnectionError, BudgetExceededError, DsrsError, TimeoutError, UnsupportedFeatureError
 from ..nostr import Event, Keys, sign
 from ..providers.embedded import render
 from ..types import Completion, CostSource, LmUsage, Request
@@ -32,6 +34,7 @@ from .wallet import Wallet
 JOB, RESULT, FEEDBACK, DELETION = 5050, 6050, 7000, 5
 DEFAULT_RELAY = "wss://nexus.openagents.com"
 STALE_S = 60  # events this much older than the job are ignored
+log = logging.getLogger("dsrs.pylon")
 _paid_hashes: OrderedDict[str, None] = OrderedDict()  # payment hashes paid by this process
 
 
@@ -70,6 +73,7 @@ class _Job:
     seen: set[str] = field(default_factory=set)
     paid_to: str | None = None
     paid_msats: int = 0
+    fees_over_cap: bool = False
     status: str | None = None
 
     def refuse(self, who: str, why: str) -> None:
@@ -118,6 +122,10 @@ async def run(cfg: SwarmConfig, req: Request) -> Completion:
             done = await _handle(job, ev)
             if done is not None:
                 break
+    except DsrsError as e:  # budgets around the call settle to what this job paid (see dsrs.budget)
+        if not getattr(e, "spent_unknown", False) and getattr(e, "spent_msats", None) is None:
+            e.spent_msats = job.paid_msats  # type: ignore[attr-defined]
+        raise
     finally:
         await sub.close()
     await _cancel(pool, job)
@@ -192,8 +200,10 @@ async def _handle(job: _Job, ev: Event) -> Completion | None:
     usage = LmUsage(pt, ct, pt + ct, cost_msats=job.paid_msats,
                     cost_source=CostSource.INVOICE if job.paid_to else CostSource.FREE, estimated=True, calls=1)  # fmt: skip
     model = next((t[2] for t in job.ev.tags if t[:2] == ["param", "model"] and len(t) > 2), "")
-    return Completion(ev.content, usage, model=model, provider="pylon", id=job.ev.id,
-                      raw={"result": ev.id, "provider": who, "job": job.ev.id})  # fmt: skip
+    raw = {"result": ev.id, "provider": who, "job": job.ev.id}
+    if job.fees_over_cap:
+        raw["fees_over_cap"] = True
+    return Completion(ev.content, usage, model=model, provider="pylon", id=job.ev.id, raw=raw)
 
 
 async def _quote(job: _Job, ev: Event) -> None:
@@ -252,9 +262,26 @@ async def _quote(job: _Job, ev: Event) -> None:
             res.release()
         _paid_hashes.pop(inv.payment_hash, None)
         return job.refuse(who, f"payment failed ({getattr(e, 'code', None) or type(e).__name__})")
+    except builtins.TimeoutError as e:  # a wallet of ours times out with PaymentUnknownError; others may not
+        job.paid_to = who
+        unknown = PaymentUnknownError("the wallet timed out while paying; the payment may have gone out",
+                                      provider="pylon", code="TIMEOUT", hint="check the wallet; the budget keeps this amount reserved")  # fmt: skip
+        unknown.reservation = res
+        raise unknown from e
+    except Exception as e:  # a broken wallet: nothing assumed paid (type name only: the text may hold secrets)
+        if res:
+            res.release()
+        _paid_hashes.pop(inv.payment_hash, None)
+        raise PaymentError(f"the wallet failed to pay ({type(e).__name__}); nothing was paid", provider="pylon",
+                           code="wallet_error", hint="check the wallet given to with_wallet(...)") from None  # fmt: skip
     except BaseException:  # cancelled mid-payment: outcome unknown, the reservation stays open
         raise
-    job.paid_to, job.paid_msats = who, amount + pay.fees_paid_msats
+    fees = pay.fees_paid_msats
+    job.paid_to, job.paid_msats = who, amount + fees
+    if fees > fee_cap(cfg, amount):  # paid already: the truth is recorded, and flagged
+        job.fees_over_cap = True
+        log.warning("job %s: the wallet paid %d msats in fees, over the fee cap of %d msats", job.ev.id[:12], fees,
+                    fee_cap(cfg, amount))  # fmt: skip
     if res:
         res.settle(job.paid_msats)
 

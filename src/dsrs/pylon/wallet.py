@@ -83,8 +83,8 @@ class NwcWallet:
                     raise PaymentError("the wallet's relay did not answer", provider="nwc", code="TIMEOUT") from None
                 while not sub.queue.empty():
                     ev = sub.queue.get_nowait()
-                    tag = ev.tag("encryption")
-                    if ev.kind == INFO and ev.pubkey == self.wallet_pubkey and tag and "nip44_v2" in tag[1].split():
+                    tag = ev.tag("encryption") or []
+                    if ev.kind == INFO and ev.pubkey == self.wallet_pubkey and "nip44_v2" in " ".join(tag[1:2]).split():
                         mode = "nip44_v2"
             finally:
                 await sub.close()
