@@ -305,3 +305,18 @@ def test_on_down_local_hands_outage_spending_to_redis_when_it_returns() -> None:
         assert b.state_counts()["spent"] == 10_000
     finally:
         srv.kill()
+
+
+def test_on_down_local_starts_from_the_last_settled_figures() -> None:
+    """A process that never read the counters still books an outage on what was left, not the whole limit."""
+    srv = RedisServer.start()
+    try:
+        b = RedisBudget(RedisState(srv.url, prefix=f"t{uuid.uuid4().hex[:8]}:"), "b", 10_000, on_down="local")
+        b.reserve(4_000).settle(4_000)
+        srv.stop()
+        with pytest.raises(BudgetExceededError) as ei:
+            b.reserve(6_001)
+        assert ei.value.code == "budget_exceeded" and b.state.up is False
+        b.reserve(6_000).settle(6_000)
+    finally:
+        srv.kill()

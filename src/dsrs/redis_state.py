@@ -164,19 +164,21 @@ redis.call('HSET', KEYS[2], ARGV[6], amount)
 return {'ok', over}
 """
 # ARGV: id, spent ('' = release). A second finish of one reservation is a no-op, as in-process.
+# Returns the counters after it (what an outage starting next would book locally from).
 _FINISH = """
 local amount = redis.call('HGET', KEYS[2], ARGV[1])
-if not amount then return 0 end
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'reserved', 0 - tonumber(amount))
-redis.call('HINCRBY', KEYS[1], 'open', -1)
-if ARGV[2] == '' then
-  redis.call('HINCRBY', KEYS[1], 'released', 1)
-else
-  redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
-  redis.call('HINCRBY', KEYS[1], 'calls', 1)
+if amount then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'reserved', 0 - tonumber(amount))
+  redis.call('HINCRBY', KEYS[1], 'open', -1)
+  if ARGV[2] == '' then
+    redis.call('HINCRBY', KEYS[1], 'released', 1)
+  else
+    redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
+    redis.call('HINCRBY', KEYS[1], 'calls', 1)
+  end
 end
-return 1
+return redis.call('HGETALL', KEYS[1])
 """
 # What one process booked in-process while Redis was down, handed over in one step when it answers
 # again. ARGV: spent, calls, released, unpriced_calls, then id, amount per reservation still open.
@@ -280,6 +282,11 @@ class RedisBudget(Budget):
                 log.warning("budget %r books locally on %d msats while Redis is down", self.name, left)
             return self._local
 
+    def _remember(self, flat: list[Any]) -> None:
+        """Keep the counters a script returned (HGETALL's flat list): a next outage starts from them."""
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        self._last = {f: int(raw.get(f, 0)) for f in _FIELDS}
+
     def _reserve_local(self, worst_case_msats: int | None) -> Reservation:
         """Book on the in-process budget (Redis down, on_down="local"); `_sync_local` hands it to Redis later."""
         with self._sync_lock:
@@ -303,10 +310,8 @@ class RedisBudget(Budget):
             for rid, r in self._local_open.items():
                 args += [rid, r.amount]
             script = self.state.script("sync", _SYNC)
-            flat = self.state.call(lambda: script(keys=self._keys, args=args))
+            self._remember(self.state.call(lambda: script(keys=self._keys, args=args)))
             self._local, self._local_open = None, {}
-            raw = dict(zip(flat[::2], flat[1::2], strict=True))
-            self._last = {f: int(raw.get(f, 0)) for f in _FIELDS}  # a next outage starts from these
             log.warning("budget %r: handed %d msats spent and %d open reservations booked while Redis was down to Redis",
                         self.name, args[0], (len(args) - 4) // 2)  # fmt: skip
 
@@ -362,7 +367,7 @@ class RedisBudget(Budget):
         r.done = True
         script = self.state.script("finish", _FINISH)
         try:
-            self.state.call(lambda: script(keys=self._keys, args=(r.rid, "" if spent is None else int(spent))))  # type: ignore[attr-defined]
+            self._remember(self.state.call(lambda: script(keys=self._keys, args=(r.rid, "" if spent is None else int(spent)))))  # type: ignore[attr-defined]
         except self.state.errors:
             log.warning("budget %r: could not settle a reservation of %d msats (Redis down); it stays reserved",
                         self.name, r.amount)  # fmt: skip
