@@ -122,3 +122,23 @@ async def test_provider_selling_a_llamacpp_server(net: Net, llama_server: Any) -
     finally:
         await prov.stop()
     assert "Paris" in out.text and out.usage.cost_msats == 1000 and acct.balance_msats == 1000
+
+
+async def test_unpaid_jobs_do_not_hold_the_job_slots(net: Net) -> None:
+    """One job slot, one customer who never pays: a paying customer is still served."""
+    from dsrs.pylon import PaymentRequiredError
+
+    acct = net.ledger.open(0)
+    prov = Provider(lm_for("embedded", None), [net.relay.url], price_msats=PRICE, max_jobs=1, payment_timeout=600,
+                    wallet=NwcWallet(net.service.uri(acct), timeout=5))  # fmt: skip
+    await prov.start()
+    try:
+        try:
+            await customer(net).with_auto_pay(False).acall("never paid")
+            raise AssertionError("auto_pay off must surface the quote")
+        except PaymentRequiredError:
+            pass  # the provider now waits for a payment that never comes
+        out = await customer(net, timeout=20).acall(FEW_SHOT)
+    finally:
+        await prov.stop()
+    assert "Paris" in out.text and out.usage.cost_msats == PRICE and prov.served == 1

@@ -4,6 +4,8 @@ Announces itself (NIP-89, kind 31990 with k=5050), takes kind-5050 text jobs, qu
 an invoice from its wallet (7000 payment-required), waits until the wallet reports the invoice
 settled (NIP-47 lookup_invoice), runs the job on its LM, and publishes the result (6050).
 Refuses encrypted jobs, jobs for another provider, and jobs whose bid is under the price.
+Only running the LM takes one of the `max_jobs` slots; waiting for a payment (polled with
+backoff) takes none, so unpaid jobs cannot block paying customers.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .swarm import FEEDBACK, JOB, RESULT
 from .wallet import NwcWallet, Wallet
 
 ANNOUNCE = 31990
+POLL_MAX_S = 2.0  # longest pause between lookup_invoice calls while waiting for a payment
 _LOCAL = {"embedded": "embedded/gemma-3-270m", "llama.cpp": "llamacpp/default", "llamacpp": "llamacpp/default",
           "ollama": "ollama/llama3.2"}  # fmt: skip
 
@@ -99,22 +102,23 @@ class Provider:
             bid = 0
         if bid < self.price_msats:
             return await self._feedback(job, "error", f"bid under the price of {self.price_msats} msats")
-        async with self._sem:
-            try:
-                if self.price_msats > 0 and not await self._get_paid(job):
-                    return
+        try:
+            # waiting for a payment holds no job slot: unpaid jobs cannot block paying customers
+            if self.price_msats > 0 and not await self._get_paid(job):
+                return
+            async with self._sem:
                 await self._feedback(job, "processing")
                 text = await self._run(job, inp[1])
-            except Exception as e:  # the customer hears why; the provider keeps serving
-                msg = e.message if isinstance(e, DsrsError) else type(e).__name__
-                with contextlib.suppress(Exception):
-                    await self._feedback(job, "error", msg[:300])
-                return
-            tags = [["request", json.dumps(job.to_json())], ["e", job.id], ["p", job.pubkey], ["i", inp[1], "text"]]
-            if self.price_msats:
-                tags.append(["amount", str(self.price_msats)])
-            await pools.pool(self.relays, self.keys).publish(sign(self.keys, RESULT, text, tags))
-            self.served += 1
+        except Exception as e:  # the customer hears why; the provider keeps serving
+            msg = e.message if isinstance(e, DsrsError) else type(e).__name__
+            with contextlib.suppress(Exception):
+                await self._feedback(job, "error", msg[:300])
+            return
+        tags = [["request", json.dumps(job.to_json())], ["e", job.id], ["p", job.pubkey], ["i", inp[1], "text"]]
+        if self.price_msats:
+            tags.append(["amount", str(self.price_msats)])
+        await pools.pool(self.relays, self.keys).publish(sign(self.keys, RESULT, text, tags))
+        self.served += 1
 
     async def _get_paid(self, job: Event) -> bool:
         assert self.wallet is not None
@@ -122,13 +126,13 @@ class Provider:
         ph = bolt11.decode(invoice).payment_hash
         await self._feedback(job, "payment-required", "", [str(self.price_msats), invoice])
         deadline = time.monotonic() + self.payment_timeout
-        wait = 0.005
+        wait = 0.02  # backoff to POLL_MAX_S: ~70 lookups over the default 120 s, quick when paid at once
         while time.monotonic() < deadline:
             r = await self.wallet.lookup_invoice(ph)
             if r.get("settled_at") or r.get("state") == "settled":
                 return True
-            await asyncio.sleep(wait)
-            wait = min(wait * 1.5, 0.25)
+            await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            wait = min(wait * 1.5, POLL_MAX_S)
         await self._feedback(job, "error", "payment not received in time")
         return False
 
