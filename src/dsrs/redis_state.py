@@ -336,21 +336,8 @@ class RedisBudget(Budget):
                 code="budget_unavailable",
                 hint="bring Redis back, or set on_down = \"local\" to book in-process meanwhile",
             ) from None
-        if verdict == "unpriced":
-            raise BudgetExceededError(
-                f"{self._label()} cannot price this call: the model is not in the price table",
-                limit_msats=self.limit_msats,
-                code="unpriced",
-                hint="use a priced model, set usage pricing, or allow_unpriced = true",
-            )
-        if verdict == "exceeded":
-            raise BudgetExceededError(
-                f"{self._label()} cannot cover this call: worst case {amount} msats, {int(n)} msats left",
-                limit_msats=self.limit_msats,
-                needed_msats=amount,
-                code="budget_exceeded",
-                hint="raise the limit, lower max_tokens, or use a cheaper lane",
-            )
+        if verdict in ("unpriced", "exceeded"):
+            raise self._refusal(verdict, amount, int(n))
         if int(n):
             self._soft_limit(amount)
         return RedisReservation(self, amount, unpriced, rid)
