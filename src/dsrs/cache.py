@@ -77,6 +77,13 @@ def default_dir() -> Path:
     return Path(platformdirs.user_cache_dir("dsrs"))
 
 
+def private_file(path: Path) -> None:
+    """Create `path` (and its folder) readable by this user only: 0600 in a 0700 folder."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    os.chmod(path, 0o600)
+
+
 class SqliteStore:
     """One table of JSON rows. Opened on first use; thread-safe."""
 
@@ -87,9 +94,7 @@ class SqliteStore:
 
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-            os.chmod(self.path, 0o600)
+            private_file(self.path)
             try:
                 self._db = self._connect()
             except sqlite3.DatabaseError as e:

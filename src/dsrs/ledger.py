@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cache import private_file
 from .errors import ConfigurationError
 
 log = logging.getLogger("dsrs.ledger")
@@ -81,8 +82,7 @@ class Ledger:
 
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            private_file(self.path)
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # no fsync per row; a crash of this process loses nothing
