@@ -384,13 +384,15 @@ def test_a_model_over_several_lanes_falls_back_and_counts_it(llama_server: Any, 
         "cache": {"enabled": False},
         "lanes": {"remote": _scripted_lane(scripted), "local": _llama_lane(llama_server),
                   "pylon-local": {"kind": "pylon", "model": "gemma", "base_url": llama_server.url + "/v1",
-                                  "options": {"mode": "local", "backend": "llamacpp", "max_tokens": 4}}},
+                                  "options": {"mode": "local", "backend": "llamacpp", "max_tokens": 4,
+                                              "temperature": 0}}},
         "models": {"auto": {"lanes": ["remote", "local"], "policy": "priority"}},
         "keys": {"alice": {"key_env": "CLIENT_KEY"}},
     })  # fmt: skip
     try:
         scripted.script(Reply(503, {"error": {"message": "overloaded", "type": "server_error"}}))
-        r = sdk(gw).chat.completions.create(model="auto", messages=[{"role": "user", "content": FEW_SHOT}], max_tokens=4)
+        r = sdk(gw).chat.completions.create(model="auto", messages=[{"role": "user", "content": FEW_SHOT}], max_tokens=4,
+                                            temperature=0)  # fmt: skip
         assert "Paris" in r.choices[0].message.content and r.model == "auto"
         assert r.model_extra["dsrs"]["lane"] == "local" and r.model_extra["dsrs"]["provider"] == "llamacpp"
         assert len(scripted.requests) == 1  # tried first, failed, fell back
