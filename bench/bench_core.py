@@ -396,6 +396,7 @@ def main() -> None:
     if len(os.sched_getaffinity(0)) < 2:
         print("warning: fewer than 2 cores; server and client share one", file=sys.stderr)
     started = time.perf_counter()
+    load0 = os.getloadavg()[0]
     res: dict[str, dict[str, Any]] = {c: {} for c in CLIENTS}
     for c in CLIENTS:
         res[c]["import_ms"] = import_ms(IMPORTS[c], cfg["imports"])
@@ -422,7 +423,8 @@ def main() -> None:
 
     print(f"\ndsrs benchmark ({'quick' if args.quick else 'full'}), Python {sys.version.split()[0]}, "
           f"aiohttp {aiohttp.__version__}, httpx {httpx.__version__}, default asyncio loop in clients, "
-          f"best of {cfg['rounds']} round(s), {time.perf_counter() - started:.0f} s\n")  # fmt: skip
+          f"best of {cfg['rounds']} round(s), {time.perf_counter() - started:.0f} s, "
+          f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end ({os.cpu_count()} cores)\n")  # fmt: skip
     print(table(res, cfg["rss_calls"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"config": cfg, "results": res}, indent=2))
