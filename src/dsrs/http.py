@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from . import errors
 from .retry import parse_retry_after, should_retry_header
 
@@ -28,6 +30,12 @@ def _lib() -> Any:
 
         _aiohttp = aiohttp
     return _aiohttp
+
+
+# JSON on the wire: orjson encodes a request body ~15x and decodes an answer ~4x faster than the
+# standard library (measured in bench/), a few µs of every call's CPU.
+dumps = orjson.dumps  # -> UTF-8 bytes
+loads = orjson.loads  # errors are ValueError subclasses
 
 
 def session() -> Any:
@@ -115,7 +123,7 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
 async def _raise_for(resp: Any, ep: Endpoint) -> None:
     raw = await resp.read()
     try:
-        body: Any = json.loads(raw)
+        body: Any = loads(raw)
     except ValueError:
         body = raw.decode("utf-8", "replace")
     if ep.secrets:
@@ -154,7 +162,7 @@ async def post_json(ep: Endpoint, body: Mapping[str, Any]) -> Any:
     aiohttp = _lib()
     try:
         async with session().post(
-            ep.url, data=json.dumps(body), headers=ep.headers, timeout=_timeout(ep.connect_timeout, ep.read_timeout)
+            ep.url, data=dumps(body), headers=ep.headers, timeout=_timeout(ep.connect_timeout, ep.read_timeout)
         ) as resp:
             if resp.status >= 400:
                 await _raise_for(resp, ep)
@@ -162,7 +170,7 @@ async def post_json(ep: Endpoint, body: Mapping[str, Any]) -> Any:
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
         raise _transport_error(e, ep) from None
     try:
-        return json.loads(raw)
+        return loads(raw)
     except ValueError:
         raise errors.ResponseFormatError(
             f"the answer is not JSON: {raw[:120]!r}", provider=ep.provider, model=ep.model, status=200
@@ -177,7 +185,7 @@ async def get_json(ep: Endpoint) -> Any:
         ) as resp:
             if resp.status >= 400:
                 await _raise_for(resp, ep)
-            return json.loads(await resp.read())
+            return loads(await resp.read())
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
         raise _transport_error(e, ep) from None
     except ValueError:
@@ -189,7 +197,7 @@ async def stream_lines(ep: Endpoint, body: Mapping[str, Any]) -> AsyncIterator[b
     aiohttp = _lib()
     try:
         async with session().post(
-            ep.url, data=json.dumps(body), headers=ep.headers, timeout=_timeout(ep.connect_timeout, ep.read_timeout)
+            ep.url, data=dumps(body), headers=ep.headers, timeout=_timeout(ep.connect_timeout, ep.read_timeout)
         ) as resp:
             if resp.status >= 400:
                 await _raise_for(resp, ep)

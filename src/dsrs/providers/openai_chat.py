@@ -136,7 +136,7 @@ class Client(HttpBackend):
                 done = True
                 break
             try:
-                chunk = json.loads(data)
+                chunk = http.loads(data)
             except ValueError:
                 raise errors.ResponseFormatError(
                     f"bad stream chunk: {data[:80]!r}", provider=self.service.name, model=self.model
