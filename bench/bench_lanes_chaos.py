@@ -201,35 +201,6 @@ async def cpu_overhead(n: int = 20_000) -> None:
     print(f"in-process LM (no network): LM {a:.1f} us/call, LaneMux {b:.1f} us/call: the mux adds {b - a:.1f} us/call")
 
 
-async def cpu_overhead(n: int = 20_000) -> None:
-    """The mux's own CPU per call, without the network: an in-process LM that answers at once."""
-    from dsrs import LaneMux
-    from dsrs.lm import BaseLM
-    from dsrs.types import Completion, LmUsage
-
-    class Instant:
-        async def complete(self, req: Any) -> Completion:
-            return Completion("Paris", LmUsage(12, 2, 14, calls=1))
-
-    class InstantLM(BaseLM):
-        provider, model = "llamacpp", "instant"
-
-        def _make_backend(self) -> Any:
-            return Instant()
-
-    lm = InstantLM()
-    mux = LaneMux().add_lane("only", lm).add_lane("spare", lm)
-    per: dict[str, list[float]] = {"lm": [], "mux": []}
-    for _ in range(5):
-        for name, target in (("lm", lm), ("mux", mux)):
-            t = time.perf_counter()
-            for _ in range(n // 5):
-                await target.acall("hi")
-            per[name].append(1e6 * (time.perf_counter() - t) / (n // 5))
-    a, b = statistics.median(per["lm"]), statistics.median(per["mux"])
-    print(f"in-process LM (no network): LM {a:.1f} us/call, LaneMux {b:.1f} us/call: the mux adds {b - a:.1f} us/call")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=10_000)

@@ -70,11 +70,17 @@ class RetryPolicy:
         base = min(INITIAL_DELAY * 2.0**retries_done, MAX_DELAY)
         return base * (1 - 0.25 * self.rand())
 
-    async def run(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run `attempt` until it succeeds, fails for good, or retries run out."""
+    async def run(self, attempt: Callable[[], Awaitable[T]], failed: DsrsError | None = None) -> T:
+        """Run `attempt` until it succeeds, fails for good, or retries run out.
+
+        `failed`: the error of a first attempt the caller already made itself (a caller that
+        awaits its first try directly keeps one coroutine frame out of the successful path)."""
         n = 0
         while True:
             try:
+                if failed is not None:
+                    e, failed = failed, None
+                    raise e
                 return await attempt()
             except DsrsError as e:
                 decision = getattr(e, "should_retry", None)

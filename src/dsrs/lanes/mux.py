@@ -170,8 +170,8 @@ class LaneMux(BaseLM):
         pinned = self._opts.get("lane")
         policy = self._opts.get("policy") or "priority"
         if policy == "priority":  # the hot path: the order lanes were added
-            lanes = [lane for lane in self._lanes if pinned is None or lane.name == pinned]
-            d.candidates = [Candidate(lane.name, float(i)) for i, lane in enumerate(lanes)]
+            lanes = list(self._lanes) if pinned is None else [lane for lane in self._lanes if lane.name == pinned]
+            d.order = self.names if pinned is None else tuple(lane.name for lane in lanes)
             return lanes
         ok = []
         for i, lane in enumerate(self._lanes):

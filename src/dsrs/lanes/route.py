@@ -28,10 +28,25 @@ class Attempt:
 class RouteDecision:
     policy: str
     requested_lane: str | None = None
-    candidates: list[Candidate] = field(default_factory=list)
+    _candidates: list[Candidate] | None = None
     attempts: list[Attempt] = field(default_factory=list)
     lane: str | None = None  # the lane that answered
     cached: bool = False
+    order: tuple[str, ...] = ()  # lanes in priority order, turned into `candidates` when first read
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        """Every lane considered, in the order tried, with its score or why it was skipped.
+
+        (Built when first read: most decisions are never inspected, and each object a call
+        allocates costs the garbage collector time under load.)"""
+        if self._candidates is None:
+            self._candidates = [Candidate(name, float(i)) for i, name in enumerate(self.order)]
+        return self._candidates
+
+    @candidates.setter
+    def candidates(self, value: list[Candidate]) -> None:
+        self._candidates = value
 
     @property
     def skipped(self) -> dict[str, str]:
@@ -57,7 +72,9 @@ class RouteDecision:
         self.candidates.append(Candidate(lane, None, why))
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"policy": self.policy, "requested_lane": self.requested_lane,
+                "candidates": [asdict(c) for c in self.candidates], "attempts": [asdict(a) for a in self.attempts],
+                "lane": self.lane, "cached": self.cached}  # fmt: skip
 
     def __str__(self) -> str:
         lines = [f"route ({self.policy}): answered by {self.lane or 'no lane'}" + (" from the cache" if self.cached else "")]
