@@ -88,3 +88,24 @@ def test_timedelta_timeout():
     import datetime
 
     assert LM("openai/gpt-4o").with_timeout(datetime.timedelta(seconds=60)).options["timeout"] == 60.0
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda lm: lm.with_max_tokens(0),
+        lambda lm: lm.with_max_tokens("100"),
+        lambda lm: lm.with_temperature(-0.1),
+        lambda lm: lm.with_temperature(float("nan")),
+        lambda lm: lm.with_top_p(0),
+        lambda lm: lm.with_seed(1.5),
+        lambda lm: lm.with_num_ctx(-1),
+        lambda lm: lm.with_timeout(0),
+        lambda lm: lm.with_retries(-1),
+        lambda lm: LM("openai/gpt-4o", max_tokens=True),
+    ],
+)
+def test_bad_option_values_are_clear_errors(build):
+    with pytest.raises(dsrs.ConfigurationError) as e:
+        build(LM("openai/gpt-4o"))
+    assert "must be" in str(e.value)

@@ -8,6 +8,7 @@ which backend answers (`_make_backend`).
 from __future__ import annotations
 
 import copy
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
@@ -45,6 +46,26 @@ def to_messages(x: Input) -> tuple[Message, ...]:
 _SECRET_HEADER = re.compile(r"auth|key|token|secret|cookie|signature", re.I)
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# option -> (valid?, what it must be, an example)
+_CHECKS: dict[str, tuple[Any, str, str]] = {
+    "max_tokens": (lambda v: _count(v) and v > 0, "a positive whole number of tokens", "1024"),
+    "num_ctx": (lambda v: _count(v) and v > 0, "a positive whole number of tokens", "8192"),
+    "temperature": (lambda v: _number(v) and 0 <= v <= 2, "a number from 0 to 2", "0.7"),
+    "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]", "0.9"),
+    "seed": (_count, "a whole number", "42"),
+    "timeout": (lambda v: _number(v) and v > 0, "a positive number of seconds", "60"),
+    "retries": (lambda v: _count(v) and v >= 0, "a whole number >= 0", "2"),
+}
+
+
 def _float(x: Any) -> float | None:
     return None if x is None else float(x)  # 0 and 0.0 must be one cache key
 
@@ -72,6 +93,9 @@ class BaseLM:
                 v = Secret(v)
             if k == "stop" and isinstance(v, str):
                 v = (v,)
+            check = _CHECKS.get(k)
+            if check is not None and v is not None and not check[0](v):
+                raise ConfigurationError(f"{k} must be {check[1]}, got {v!r:.40}", hint=f"e.g. with_{k}({check[2]})")
             self._opts[k] = v
 
     def _extra_options(self) -> tuple[str, ...]:
