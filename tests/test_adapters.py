@@ -232,3 +232,13 @@ async def test_each_adapter_on_the_llama_cpp_server(llama_server, adapter):
     r = await qa.aforward(question="What is the capital of France?", lm=lm)
     assert r.answer == "Paris"
     assert r.lm_usage.calls == 1 and r.lm_usage.prompt_tokens > 20 and r.completion.provider == "llamacpp"
+
+
+def test_an_unpinned_mux_of_base_models_uses_the_completion_adapter():
+    from dsrs import LM, LaneMux
+    from dsrs.predict.adapters import is_base_model
+
+    base = LaneMux().add_lane("a", LM("embedded/gemma-3-270m")).add_lane("b", LM("llamacpp/llama-3-8b-base"))
+    mixed = base.add_lane("chat", LM("openai/gpt-4o-mini", api_key="k"))
+    assert is_base_model(base) and not is_base_model(mixed)
+    assert is_base_model(mixed.with_lane("a")) and not is_base_model(mixed.with_lane("chat"))

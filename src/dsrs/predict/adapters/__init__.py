@@ -15,10 +15,15 @@ _BASE_NAME = re.compile(r"(^|[-_/.])(base|pt)([-_/.]|$)", re.IGNORECASE)
 
 def is_base_model(lm: Any) -> bool:
     """Base (pretrained, not chat-tuned) models: the embedded engine, an LM flagged `base_model`,
-    or a model name marked base/pt (`gemma-3-270m-pt`, `llama-3-8b-base`)."""
-    pinned = (getattr(lm, "options", None) or {}).get("lane") if callable(getattr(lm, "lane", None)) else None
-    if isinstance(pinned, str):  # a LaneMux pinned to one lane: judge that lane's LM
-        lm = lm.lane(pinned).lm
+    or a model name marked base/pt (`gemma-3-270m-pt`, `llama-3-8b-base`). A LaneMux pinned to
+    a lane is judged by that lane; an unpinned one is base when every lane is."""
+    if callable(getattr(lm, "lane", None)):
+        pinned = (getattr(lm, "options", None) or {}).get("lane")
+        if isinstance(pinned, str):
+            return is_base_model(lm.lane(pinned).lm)
+        lanes = getattr(lm, "lanes", ())
+        if lanes:
+            return all(is_base_model(lane.lm) for lane in lanes)
     if getattr(lm, "provider", "") == "embedded" or getattr(lm, "base_model", False):
         return True
     return bool(_BASE_NAME.search(str(getattr(lm, "model", "") or "")))
