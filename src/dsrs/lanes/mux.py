@@ -33,6 +33,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from .. import budget as budgets
@@ -55,6 +56,20 @@ from .route import Attempt, Candidate, NoLaneAvailableError, RouteDecision
 
 DEFAULT_RATE_LIMIT_WAIT = 5.0  # seconds: a shorter Retry-After is waited out on the same lane
 _NOT_FOR_MUX = ("base_url", "api_key", "headers", "api_version")
+
+
+class _LazyRequest:
+    """The whole Request of a routed call, built only if a check needs it."""
+
+    __slots__ = ("mux", "prompt", "opts", "req")
+
+    def __init__(self, mux: Any, prompt: Any, opts: dict[str, Any], req: Request | None) -> None:
+        self.mux, self.prompt, self.opts, self.req = mux, prompt, opts, req
+
+    def get(self) -> Request:
+        if self.req is None:
+            self.req = self.mux.request(self.prompt, **self.opts)
+        return self.req
 
 
 def _fields(req: Request) -> dict[str, Any]:
@@ -234,13 +249,9 @@ class LaneMux(BaseLM):
 
         Returns the completion (its `route` set), or for a stream `(lane, (agen, first item), route)`."""
         d = RouteDecision(self._policy_name(), self._opts.get("lane"))
-        memo = [req]
-
-        def request() -> Request:
-            if memo[0] is None:
-                memo[0] = self.request(prompt, **opts)
-            return memo[0]
-
+        # No closures in this coroutine: captured variables would become cells, and every object
+        # an in-flight call keeps alive is one more for the garbage collector to walk under load.
+        request = _LazyRequest(self, prompt, opts, req).get
         queue = self._plan(prompt, opts, request, d)
         if not queue:
             raise self._none_available(d)
@@ -251,7 +262,7 @@ class LaneMux(BaseLM):
         while queue:
             lane = queue.pop(0)
             # checked when the lane's turn comes: capability filters first, then availability
-            why = lane.misfit(opts, request, stream) or lane.unavailable(lambda: lane.lane_request(prompt, opts), extra)
+            why = lane.misfit(opts, request, stream) or lane.unavailable(partial(lane.lane_request, prompt, opts), extra)
             if why:
                 d.skip(lane.name, why)
                 continue
