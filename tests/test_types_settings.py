@@ -147,3 +147,20 @@ print(grown, asyncio.run(asyncio.wait_for(main(), 20)), seen)
     assert out.returncode == 0, out.stderr
     grown, outer, nested = out.stdout.split(" ", 2)
     assert int(grown) <= 1 and outer == "ok" and nested.strip() == "['ok']"
+
+
+def test_on_usage_takes_one_function_or_several(scripted):
+    from scripted import chat_reply
+
+    seen = []
+    lm = dsrs.LM("openai/gpt-4o", base_url=scripted.url + "/v1", api_key="k")
+    scripted.script(chat_reply("a"), chat_reply("b"))
+    with dsrs.context(on_usage=seen.append):
+        lm("x")
+    with dsrs.context(on_usage=[seen.append, seen.append]):
+        lm("y")
+    assert [c.text for c in seen] == ["a", "b", "b"]
+    import pytest
+
+    with pytest.raises(dsrs.ConfigurationError):
+        dsrs.configure(on_usage=[1])

@@ -29,7 +29,7 @@ Input = str | Message | dict[str, Any] | Sequence[Message | dict[str, Any]]
 _REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop", "num_ctx", "tools", "tool_choice",
                    "response_format", "extra")  # fmt: skip
 _CLIENT_FIELDS = ("base_url", "api_key", "timeout", "retries", "cache", "headers", "api_version", "retry_policy",
-                  "cache_store", "budget")  # fmt: skip
+                  "budget")  # fmt: skip
 
 
 def to_messages(x: Input) -> tuple[Message, ...]:

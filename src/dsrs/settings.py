@@ -46,6 +46,15 @@ def _checked(kw: dict[str, Any]) -> dict[str, Any]:
         from .errors import ConfigurationError
 
         raise ConfigurationError(f"unknown setting {', '.join(map(repr, bad))}", hint="known: " + ", ".join(known))
+    hooks = kw.get("on_usage")
+    if callable(hooks):
+        kw["on_usage"] = (hooks,)  # one function, or a sequence of them
+    elif hooks is not None:
+        hooks = kw["on_usage"] = tuple(hooks)
+        if not all(callable(h) for h in hooks):
+            from .errors import ConfigurationError
+
+            raise ConfigurationError("on_usage takes a function or a sequence of functions", hint="on_usage=print")
     return kw
 
 
