@@ -56,6 +56,8 @@ class Message:
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None  # for role="tool": which call this answers
     name: str | None = None
+    # the provider's own reasoning blocks of an assistant turn, sent back unchanged (see Completion.reasoning)
+    reasoning: tuple[dict[str, Any], ...] = field(default=(), repr=False)
 
     @staticmethod
     def system(text: str) -> Message:
@@ -73,6 +75,11 @@ class Message:
     def tool(tool_call_id: str, content: str) -> Message:
         return Message("tool", content, tool_call_id=tool_call_id)
 
+    @staticmethod
+    def from_completion(c: Completion) -> Message:
+        """The assistant turn to send back after `c`: its text, tool calls and reasoning blocks."""
+        return Message("assistant", c.text, c.tool_calls, reasoning=c.reasoning)
+
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.tool_calls:
@@ -81,6 +88,8 @@ class Message:
             d["tool_call_id"] = self.tool_call_id
         if self.name is not None:
             d["name"] = self.name
+        if self.reasoning:
+            d["reasoning"] = list(self.reasoning)
         return d
 
     @staticmethod
@@ -99,7 +108,8 @@ class Message:
             if isinstance(args, str):
                 args = json.loads(args or "{}")
             calls.append(ToolCall(tc.get("id", ""), fn["name"], args))
-        return Message(m["role"], content, tuple(calls), m.get("tool_call_id"), m.get("name"))
+        reasoning = tuple(m.get("reasoning") or ())
+        return Message(m["role"], content, tuple(calls), m.get("tool_call_id"), m.get("name"), reasoning)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,12 +212,15 @@ class Completion:
     raw: Any = field(default=None, repr=False, compare=False)  # the provider's payload, never in reprs
     route: Any = field(default=None, repr=False, compare=False)  # filled by LaneMux
     items: tuple[Any, ...] = field(default=(), repr=False, compare=False)  # an agent's steps (CodexSdkLM)
+    # the provider's reasoning blocks, opaque: {"provider": service name, "block": raw block}; never in reprs.
+    # `Message.from_completion` carries them into the next turn; only the same provider sends them back.
+    reasoning: tuple[dict[str, Any], ...] = field(default=(), repr=False)
 
     def __str__(self) -> str:
         return self.text
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "text": self.text,
             "usage": self.usage.to_json(),
             "tool_calls": [t.to_json() for t in self.tool_calls],
@@ -216,6 +229,9 @@ class Completion:
             "provider": self.provider,
             "id": self.id,
         }
+        if self.reasoning:
+            d["reasoning"] = list(self.reasoning)
+        return d
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> Completion:
@@ -227,6 +243,7 @@ class Completion:
             model=d.get("model", ""),
             provider=d.get("provider", ""),
             id=d.get("id"),
+            reasoning=tuple(d.get("reasoning") or ()),
         )
 
 

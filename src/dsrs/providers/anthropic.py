@@ -22,20 +22,25 @@ _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", 
            "refusal": "content_filter", "model_context_window_exceeded": "length"}  # fmt: skip
 
 
-def _blocks(m: Message) -> tuple[str, list[dict[str, Any]]]:
+_THINKING = ("thinking", "redacted_thinking")
+
+
+def _blocks(m: Message, provider: str) -> tuple[str, list[dict[str, Any]]]:
     if m.role == "tool":
         return "user", [{"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}]
-    blocks: list[dict[str, Any]] = [{"type": "text", "text": m.content}] if m.content else []
+    # thinking blocks go back unchanged (signature/data included), before the text and tool_use blocks
+    blocks = convert.own_reasoning(m, provider) if m.role == "assistant" else []
+    blocks += [{"type": "text", "text": m.content}] if m.content else []
     blocks += [{"type": "tool_use", "id": t.id, "name": t.name, "input": t.arguments} for t in m.tool_calls]
     return ("assistant" if m.role == "assistant" else "user"), blocks
 
 
-def _messages(req: Request) -> list[dict[str, Any]]:
+def _messages(req: Request, provider: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for m in req.messages:
         if m.role == "system":
             continue
-        role, blocks = _blocks(m)
+        role, blocks = _blocks(m, provider)
         if out and out[-1]["role"] == role:  # consecutive tool results share one user turn
             out[-1]["content"] += blocks
         else:
@@ -53,7 +58,7 @@ def encode(req: Request, stream: bool, provider: str) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": req.model,
         "max_tokens": req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS,
-        "messages": _messages(req),
+        "messages": _messages(req, provider),
     }
     system = convert.system_text(req.messages)
     if system is not None:
@@ -104,8 +109,9 @@ def decode(payload: Any, provider: str, model: str) -> Completion:
     calls = tuple(convert.tool_call(b.get("id") or "", b.get("name", ""), b.get("input"))
                   for b in payload["content"] if b.get("type") == "tool_use")  # fmt: skip
     finish = _FINISH.get(payload.get("stop_reason") or "", "unknown")
+    thinking = convert.reasoning(provider, [b for b in payload["content"] if b.get("type") in _THINKING])
     return Completion(text, usage(payload.get("usage")), calls, finish, payload.get("model") or model,  # type: ignore[arg-type]
-                      provider, payload.get("id"), raw=payload)  # fmt: skip
+                      provider, payload.get("id"), raw=payload, reasoning=thinking)  # fmt: skip
 
 
 class Client(HttpBackend):
@@ -146,6 +152,10 @@ class Client(HttpBackend):
                 if delta.get("type") == "text_delta" and delta.get("text"):
                     parts.append(delta["text"])
                     yield delta["text"]
+                elif delta.get("type") in ("thinking_delta", "signature_delta"):
+                    key = delta["type"].removesuffix("_delta")
+                    block = blocks.setdefault(ev.get("index", 0), {"type": "thinking", "json": ""})
+                    block[key] = (block.get(key) or "") + (delta.get(key) or "")
                 elif delta.get("type") == "input_json_delta":
                     blocks.setdefault(ev.get("index", 0), {"type": "tool_use", "json": ""})["json"] += (
                         delta.get("partial_json") or "")  # fmt: skip
@@ -155,8 +165,10 @@ class Client(HttpBackend):
             elif kind == "message_stop":
                 calls = tuple(convert.tool_call(b.get("id") or "", b.get("name", ""), b["json"] or b.get("input"))
                               for _, b in sorted(blocks.items()) if b.get("type") == "tool_use")  # fmt: skip
+                thinking = convert.reasoning(name, [{k: v for k, v in b.items() if k != "json"}
+                                                    for _, b in sorted(blocks.items()) if b.get("type") in _THINKING])
                 yield Completion("".join(parts), usage(u), calls, _FINISH.get(stop_reason or "", "unknown"),  # type: ignore[arg-type]
-                                 message.get("model") or model, name, message.get("id"))  # fmt: skip
+                                 message.get("model") or model, name, message.get("id"), reasoning=thinking)  # fmt: skip
                 return
             elif kind == "error":
                 raise errors.from_response(502, ev, provider=name, model=model)

@@ -87,6 +87,16 @@ def tool_names(messages: tuple[Message, ...]) -> dict[str, str]:
     return {t.id: t.name for m in messages for t in m.tool_calls}
 
 
+def reasoning(provider: str, blocks: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """`Completion.reasoning`: the provider's raw reasoning blocks, tagged with the provider."""
+    return tuple({"provider": provider, "block": b} for b in blocks)
+
+
+def own_reasoning(m: Message, provider: str) -> list[dict[str, Any]]:
+    """The raw blocks of `m.reasoning` this provider produced (another provider's are never sent)."""
+    return [r["block"] for r in m.reasoning if isinstance(r, dict) and r.get("provider") == provider and "block" in r]
+
+
 def system_text(messages: tuple[Message, ...]) -> str | None:
     """All system messages joined, for protocols with one top-level system/instructions field."""
     parts = [m.content for m in messages if m.role == "system"]

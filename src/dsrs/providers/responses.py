@@ -19,7 +19,7 @@ from .base import HttpBackend
 _INCOMPLETE = {"max_output_tokens": "length", "content_filter": "content_filter"}
 
 
-def _input(req: Request) -> list[dict[str, Any]]:
+def _input(req: Request, provider: str) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     for m in req.messages:
         if m.role == "system":
@@ -27,6 +27,8 @@ def _input(req: Request) -> list[dict[str, Any]]:
         if m.role == "tool":
             items.append({"type": "function_call_output", "call_id": m.tool_call_id, "output": m.content})
             continue
+        if m.role == "assistant":  # reasoning items go back unchanged, before the turn's message and calls
+            items += convert.own_reasoning(m, provider)
         if m.content or not m.tool_calls:
             items.append({"role": m.role, "content": m.content})
         for t in m.tool_calls:
@@ -41,7 +43,7 @@ def encode(req: Request, stream: bool, provider: str) -> dict[str, Any]:
                        "lower max_tokens, or pass extra={'stop': [...]} to a server that accepts it")  # fmt: skip
     if req.seed is not None:
         convert.refuse(provider, req.model, "seed", "drop with_seed(...) for this provider")
-    body: dict[str, Any] = {"model": req.model, "input": _input(req)}
+    body: dict[str, Any] = {"model": req.model, "input": _input(req, provider)}
     instructions = convert.system_text(req.messages)
     if instructions is not None:
         body["instructions"] = instructions
@@ -99,6 +101,10 @@ def _calls(output: list[dict[str, Any]]) -> tuple[ToolCall, ...]:
                  for i in output if i.get("type") == "function_call")  # fmt: skip
 
 
+def _reasoning(output: list[dict[str, Any]], provider: str) -> tuple[dict[str, Any], ...]:
+    return convert.reasoning(provider, [i for i in output if i.get("type") == "reasoning"])
+
+
 def _finish(resp: dict[str, Any], calls: tuple[ToolCall, ...], refused: bool) -> str:
     if resp.get("status") == "incomplete":
         return _INCOMPLETE.get((resp.get("incomplete_details") or {}).get("reason") or "", "unknown")
@@ -124,7 +130,8 @@ def decode(resp: Any, provider: str, model: str) -> Completion:
                     refused = True
     calls = _calls(resp["output"])
     return Completion("".join(text), usage(resp.get("usage")), calls, _finish(resp, calls, refused),  # type: ignore[arg-type]
-                      resp.get("model") or model, provider, resp.get("id"), raw=resp)  # fmt: skip
+                      resp.get("model") or model, provider, resp.get("id"), raw=resp,
+                      reasoning=_reasoning(resp["output"], provider))  # fmt: skip
 
 
 class Client(HttpBackend):
@@ -159,9 +166,10 @@ class Client(HttpBackend):
                 resp = ev.get("response") or {}
                 calls = _calls(items) or _calls(resp.get("output") or [])
                 refused = any(p.get("type") == "refusal" for i in items for p in i.get("content") or ())
+                thinking = _reasoning(items, name) or _reasoning(resp.get("output") or [], name)
                 yield Completion("".join(parts), usage(resp.get("usage")), calls,
                                  _finish(resp, calls, refused), resp.get("model") or model, name,  # type: ignore[arg-type]
-                                 resp.get("id"), raw=resp)  # fmt: skip
+                                 resp.get("id"), raw=resp, reasoning=thinking)  # fmt: skip
                 return
             elif kind == "response.failed":
                 raise _failed(ev.get("response") or {}, name, model)
