@@ -242,12 +242,16 @@ class LaneMux(BaseLM):
             return "raise", 0.0
         return action, wait
 
-    async def _route(self, prompt: Input, opts: dict[str, Any], req: Request | None, stream: bool) -> Any:
+    async def _route(
+        self, prompt: Input, opts: dict[str, Any], req: Request | None, stream: bool,
+        failed: tuple[Lane, DsrsError] | None = None,
+    ) -> Any:
         """Route one call: `prompt` and the request options (the mux's, then the call's) go to the
         lanes as given, each lane filling in its own options; a `Request` is built only when needed
         (scoring, context-window checks), keeping the hot path as short as a single LM's.
 
-        Returns the completion (its `route` set), or for a stream `(lane, (agen, first item), route)`."""
+        Returns the completion (its `route` set), or for a stream `(lane, (agen, first item), route)`.
+        `failed`: the first lane's first attempt, already made by `_first`, and its error."""
         d = RouteDecision(self._policy_name(), self._opts.get("lane"))
         # No closures in this coroutine: captured variables would become cells, and every object
         # an in-flight call keeps alive is one more for the garbage collector to walk under load.
@@ -261,19 +265,25 @@ class LaneMux(BaseLM):
         last: DsrsError | None = None
         while queue:
             lane = queue.pop(0)
+            pending = failed[1] if failed is not None and failed[0] is lane else None
+            failed = None
             # checked when the lane's turn comes: capability filters first, then availability
-            why = lane.misfit(opts, request, stream) or lane.unavailable(partial(lane.lane_request, prompt, opts), extra)
-            if why:
-                d.skip(lane.name, why)
-                continue
-            if not lane.circuit.allow():
-                d.skip(lane.name, f"circuit {lane.circuit.state}: not taking calls now")
-                continue
+            if pending is None:
+                why = lane.misfit(opts, request, stream) or lane.unavailable(partial(lane.lane_request, prompt, opts), extra)
+                if why:
+                    d.skip(lane.name, why)
+                    continue
+                if not lane.circuit.allow():
+                    d.skip(lane.name, f"circuit {lane.circuit.state}: not taking calls now")
+                    continue
             n = 0
             while True:
                 started = time.perf_counter()
-                lane.calls += 1
                 try:
+                    if pending is not None:  # the attempt `_first` made
+                        error, pending = pending, None
+                        raise error
+                    lane.calls += 1
                     with budgets.scope(extra + lane.budgets_here if lane.budgets_here else extra):
                         if stream:
                             agen = lane.call_lm.astream(prompt, **opts)
@@ -351,12 +361,45 @@ class LaneMux(BaseLM):
         opts = self._call_opts(overrides)
         if self._opts.get("cache"):
             return self._cached(prompt, opts, None)
-        return self._route(prompt, opts, None, False)  # type: ignore[no-any-return]
+        return self._start(prompt, opts, None)
 
     def acomplete(self, req: Request) -> Coroutine[Any, Any, Completion]:
         if self._opts.get("cache"):
             return self._cached(req.messages, _fields(req), req)
-        return self._route(req.messages, _fields(req), req, False)  # type: ignore[no-any-return]
+        return self._start(req.messages, _fields(req), req)
+
+    def _start(self, prompt: Input, opts: dict[str, Any], req: Request | None) -> Coroutine[Any, Any, Any]:
+        """The routing coroutine for one call: `_first` when the first lane in priority order can
+        simply be called (the common case), else the general `_route`."""
+        lanes = self._lanes
+        policy = self._opts.get("policy")
+        if lanes and (policy is None or policy == "priority") and self._opts.get("lane") is None:
+            lane = lanes[0]
+            if lane.circuit.closed and not lane.misfit(opts, _LazyRequest(self, prompt, opts, req).get, False):
+                if not lane.unavailable(partial(lane.lane_request, prompt, opts), self._budgets()):
+                    return self._first(lane, prompt, opts, req)
+        return self._route(prompt, opts, req, False)
+
+    async def _first(self, lane: Lane, prompt: Input, opts: dict[str, Any], req: Request | None) -> Completion:
+        """The fast path: call the first lane; on success build the route decision afterwards (an
+        in-flight call keeps almost nothing alive for the GC); on failure hand over to `_route`."""
+        started = time.perf_counter()
+        lane.calls += 1
+        extra = self._budgets()
+        try:
+            with budgets.scope(extra + lane.budgets_here if lane.budgets_here else extra):
+                result = await lane.call_lm.acall(prompt, **opts)
+        except asyncio.CancelledError:
+            lane.circuit.neutral()
+            raise
+        except DsrsError as e:
+            return await self._route(prompt, opts, req, False, (lane, e))  # type: ignore[no-any-return]
+        lane.circuit.success()
+        lane.latency.add(time.perf_counter() - started)
+        d = RouteDecision(self._policy_name(), None, lane=lane.name, order=self.names)
+        d.attempts.append(Attempt(lane.name, "ok", route=getattr(result, "route", None)))
+        result.route = d
+        return result
 
     async def _cached(self, prompt: Input, opts: dict[str, Any], req: Request | None) -> Completion:
         cache = self._cache()
