@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import json
 import logging
 import statistics
 import time

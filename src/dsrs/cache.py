@@ -196,8 +196,3 @@ def default_cache() -> Cache:
     if _default is None:
         _default = Cache()
     return _default
-
-
-def set_default_cache(cache: Cache | None) -> None:
-    global _default
-    _default = cache

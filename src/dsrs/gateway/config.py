@@ -119,9 +119,6 @@ class Config:
     budgets: dict[str, BudgetConfig] = field(default_factory=dict)
     keys: dict[str, KeyConfig] = field(default_factory=dict)
 
-    def model_names(self) -> list[str]:
-        return list(self.models) + [n for n in self.lanes if n not in self.models]
-
 
 def _err(where: str, what: str, hint: str | None = None) -> ConfigurationError:
     return ConfigurationError(f"gateway config {where}: {what}", hint=hint)
