@@ -1,8 +1,8 @@
 """The dsrs gateway: an OpenAI-compatible server (Chat Completions, Responses, models) over dsrs lanes.
 
-`dsrs serve --config dsrs.toml` runs it; `config` holds the TOML schema, `openai_wire` the
-protocol translation, `runtime` what a config builds, `app` the HTTP handlers, `metrics` the
-Prometheus counters. Shared state across gateway processes is `dsrs.redis_state`.
+`dsrs serve --config dsrs.toml` runs it; `config` holds the TOML schema, `requests` the OpenAI
+requests in (parsing, validation, errors to the client), `replies` the OpenAI bodies and SSE streams
+out, `runtime` what a config builds, `app` the HTTP handlers, `metrics` the Prometheus counters. Shared state across gateway processes is `dsrs.redis_state`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from .. import budget
 from ..types import StreamEnd
-from . import openai_wire as wire
+from . import replies, requests
 from .config import Config, KeyConfig
 from .metrics import Metrics
 from .runtime import Route, Runtime
@@ -35,7 +35,7 @@ RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 
 
-def _error(w: wire.WireError) -> web.Response:
+def _error(w: requests.WireError) -> web.Response:
     return web.json_response(w.body(), status=w.status, headers=w.headers)
 
 
@@ -47,7 +47,7 @@ async def _count(request: web.Request, handler: Callable[[web.Request], Any]) ->
         resp = await handler(request)
     except web.HTTPException as e:  # unknown paths, wrong methods: OpenAI-style bodies too
         kind = "not_found" if e.status == 404 else "invalid_request_error"
-        resp = web.json_response(wire.error_body(f"{request.method} {request.path}: {e.reason}", kind, None), status=e.status)
+        resp = web.json_response(requests.error_body(f"{request.method} {request.path}: {e.reason}", kind, None), status=e.status)
         endpoint = "other"
     m.inc("dsrs_gateway_requests_total", endpoint=endpoint, status=resp.status)
     return resp
@@ -55,26 +55,26 @@ async def _count(request: web.Request, handler: Callable[[web.Request], Any]) ->
 
 async def _body(request: web.Request, limit: int) -> Any:
     if request.content_length is not None and request.content_length > limit:
-        raise wire.WireError(413, f"the request body is {request.content_length} bytes; the limit is {limit}",
+        raise requests.WireError(413, f"the request body is {request.content_length} bytes; the limit is {limit}",
                              code="request_too_large")  # fmt: skip
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise wire.WireError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large") from None
+        raise requests.WireError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large") from None
     try:
         body = json.loads(raw)
     except ValueError as e:
-        raise wire.WireError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        raise requests.WireError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     except RecursionError:
-        raise wire.WireError(400, "the request body is nested too deeply", code="invalid_json") from None
-    wire.check_depth(body)
+        raise requests.WireError(400, "the request body is nested too deeply", code="invalid_json") from None
+    requests.check_depth(body)
     return body
 
 
 def _auth(rt: Runtime, request: web.Request) -> KeyConfig:
     key = rt.client(request.headers.get("Authorization"))
     if key is None:
-        raise wire.WireError(401, "a valid client API key is required (Authorization: Bearer <key>)",
+        raise requests.WireError(401, "a valid client API key is required (Authorization: Bearer <key>)",
                              code="invalid_api_key")  # fmt: skip
     return key
 
@@ -82,7 +82,7 @@ def _auth(rt: Runtime, request: web.Request) -> KeyConfig:
 def _route(rt: Runtime, key: KeyConfig, name: str) -> Route:
     route = rt.routes.get(name)
     if route is None or (key.models is not None and name not in key.models):
-        raise wire.WireError(404, f"the model {name!r} does not exist or you do not have access to it",
+        raise requests.WireError(404, f"the model {name!r} does not exist or you do not have access to it",
                              code="model_not_found", param="model")  # fmt: skip
     return route
 
@@ -102,34 +102,34 @@ class Handlers:
             self.rt.ledger.record(c, lane=lane, program=f"key:{key.name}")
         return lane
 
-    def _failed(self, route: Route | None, e: BaseException) -> wire.WireError:
+    def _failed(self, route: Route | None, e: BaseException) -> requests.WireError:
         tried = getattr(getattr(e, "route", None), "attempts", None)  # a LaneMux's: the last lane tried failed
-        w = wire.from_error(e, tried[-1].lane if tried else route.lane or route.name if route else None)
+        w = requests.from_error(e, tried[-1].lane if tried else route.lane or route.name if route else None)
         if w.status >= 500 and w.code == "internal_error":
             log.exception("gateway: unexpected error", exc_info=e)
         lane = getattr(getattr(e, "route", None), "lane", None) or (route.lane or route.name if route else "-")
         self.m.inc("dsrs_lane_errors_total", lane=lane, type=type(e).__name__)
         return w
 
-    async def _prepare(self, request: web.Request, parse: Callable[[Any], wire.Call]) -> tuple[KeyConfig, wire.Call, Route]:
+    async def _prepare(self, request: web.Request, parse: Callable[[Any], requests.Call]) -> tuple[KeyConfig, requests.Call, Route]:
         key = _auth(self.rt, request)
         call = parse(await _body(request, self.rt.cfg.max_body_bytes))
         route = _route(self.rt, key, call.model)
         if key.rpm is not None:
             wait = self.rt.limiter.hit(key.name, key.rpm)
             if wait is not None:
-                raise wire.WireError(429, f"rate limit of {key.rpm} requests per minute reached for this key",
+                raise requests.WireError(429, f"rate limit of {key.rpm} requests per minute reached for this key",
                                      type="rate_limit_error", code="rate_limit_exceeded",
                                      headers={"retry-after": str(max(1, round(wait)))})  # fmt: skip
         return key, call, route
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, wire.parse_chat, "chat")
+        return await self._serve(request, requests.parse_chat, "chat")
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, wire.parse_responses, "responses")
+        return await self._serve(request, requests.parse_responses, "responses")
 
-    async def _serve(self, request: web.Request, parse: Callable[[Any], wire.Call], kind: str) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, parse: Callable[[Any], requests.Call], kind: str) -> web.StreamResponse:
         route = None
         try:
             key, call, route = await self._prepare(request, parse)
@@ -137,22 +137,22 @@ class Handlers:
                 if call.stream:
                     return await self._stream(request, key, call, route, kind)
                 c = await route.target.acall(list(call.messages), **call.options)
-        except wire.WireError as w:
+        except requests.WireError as w:
             return _error(w)
         except Exception as e:
             return _error(self._failed(route, e))
         lane = self._done(key, route, c)
-        body = wire.chat_completion(c, call.model, wire.new_id("chatcmpl-"), lane) if kind == "chat" else wire.response(c, call.model, lane)
+        body = replies.chat_completion(c, call.model, replies.new_id("chatcmpl-"), lane) if kind == "chat" else replies.response(c, call.model, lane)
         return web.json_response(body, dumps=_dumps)
 
-    async def _stream(self, request: web.Request, key: KeyConfig, call: wire.Call, route: Route, kind: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, key: KeyConfig, call: requests.Call, route: Route, kind: str) -> web.StreamResponse:
         agen: AsyncIterator[Any] = route.target.astream(list(call.messages), **call.options)
         try:
             first = await agen.__anext__()  # errors before any text are plain HTTP errors
         except BaseException:
             await agen.aclose()  # type: ignore[attr-defined]
             raise
-        out: Any = wire.ChatStream(call.model, call.include_usage) if kind == "chat" else wire.ResponsesStream(call.model)
+        out: Any = replies.ChatStream(call.model, call.include_usage) if kind == "chat" else replies.ResponsesStream(call.model)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         try:
             await resp.prepare(request)
@@ -186,7 +186,7 @@ class Handlers:
     async def models(self, request: web.Request) -> web.Response:
         try:
             key = _auth(self.rt, request)
-        except wire.WireError as w:
+        except requests.WireError as w:
             return _error(w)
         data = []
         for name, route in self.rt.routes.items():
