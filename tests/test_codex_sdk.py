@@ -15,19 +15,8 @@ import pytest
 from responses_server import ResponsesServer, Turn, apply_patch, exec_command, message, reasoning, text
 
 import dsrs
-from dsrs.codex_sdk import (
-    AgentMessage,
-    CodexError,
-    CodexNotFoundError,
-    CodexSdkLM,
-    CodexTurn,
-    CodexTurnFailedError,
-    CommandExecution,
-    ErrorItem,
-    FileChange,
-    FileUpdate,
-    Reasoning,
-)
+from dsrs.codex_items import AgentMessage, CodexTurn, CommandExecution, ErrorItem, FileChange, FileUpdate, Reasoning
+from dsrs.codex_sdk import CodexError, CodexNotFoundError, CodexSdkLM, CodexTurnFailedError
 from dsrs.types import StreamEnd
 
 CODEX_BIN = os.environ.get("DSRS_TEST_CODEX_BIN") or os.path.expanduser(
