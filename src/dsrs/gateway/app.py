@@ -268,7 +268,7 @@ async def serve(cfg: Config, host: str | None = None, port: int | None = None) -
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+        except (NotImplementedError, RuntimeError):  # not the main thread: then cancelling the task stops it
             pass
     started = time.monotonic()
     try:
