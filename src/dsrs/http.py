@@ -138,10 +138,18 @@ async def _raise_for(resp: Any, ep: Endpoint) -> None:
     if getattr(err, "retry_after", None) is None:  # a delay from the body (Gemini RetryInfo) stays
         err.retry_after = parse_retry_after(resp.headers)  # type: ignore[attr-defined]
     err.should_retry = should_retry_header(resp.headers)  # type: ignore[attr-defined]
+    err.billed = False  # type: ignore[attr-defined]  # an HTTP error answer is not billed (dsrs.budget)
     raise err
 
 
 def _transport_error(e: BaseException, ep: Endpoint) -> errors.DsrsError:
+    err = _transport_error_of(e, ep)
+    if isinstance(e, _lib().ClientConnectorError):  # no connection: nothing was sent, nothing billed
+        err.billed = False  # type: ignore[attr-defined]
+    return err
+
+
+def _transport_error_of(e: BaseException, ep: Endpoint) -> errors.DsrsError:
     if isinstance(e, asyncio.TimeoutError):
         return errors.TimeoutError(
             f"no answer within the timeout ({type(e).__name__})",
