@@ -1,4 +1,13 @@
-"""Every error dsrs raises, under one base, classified by status and error code (never message text)."""
+"""Every error dsrs raises, under one base, classified by status and error code (never message text).
+
+One narrow, documented exception (`_ANTHROPIC_400`): Anthropic sends an empty credit balance and
+an overflowing context as plain 400 `invalid_request_error`s, with no structured code of their
+own. For provider "anthropic" only, and only on a 400 whose type is `invalid_request_error`, the
+start of the message is matched against Anthropic's fixed error strings ("Your credit balance is
+too low" -> `QuotaExceededError`; "prompt is too long", "input length and `max_tokens` exceed
+context limit" -> `ContextWindowExceededError`). Any other text, status, type or provider keeps
+the status/code rule, so a changed wording degrades to `BadRequestError`, never to a wrong class.
+"""
 
 from __future__ import annotations
 
@@ -191,6 +200,20 @@ _BY_CODE: dict[str, type[APIError]] = {
 }
 
 
+# Anthropic's fixed messages for 400 invalid_request_error that mean something narrower (see the module doc)
+_ANTHROPIC_400: tuple[tuple[str, type[APIError]], ...] = (
+    ("Your credit balance is too low", QuotaExceededError),
+    ("prompt is too long", ContextWindowExceededError),
+    ("input length and `max_tokens` exceed context limit", ContextWindowExceededError),
+)
+
+
+def _anthropic_400(provider: str, status: int, etype: str | None, msg: str) -> type[APIError] | None:
+    if provider != "anthropic" or status != 400 or etype != "invalid_request_error":
+        return None
+    return next((cls for prefix, cls in _ANTHROPIC_400 if msg.startswith(prefix)), None)
+
+
 def error_fields(body: Any) -> tuple[str | None, str | None, str]:
     """(code, type, message) from the usual error bodies: {"error": {...}}, {"error": "..."}, {"message": ...}."""
     if not isinstance(body, dict):
@@ -243,6 +266,7 @@ def from_response(
     if retry_after is None:
         retry_after = delay
     cls = _BY_CODE.get(reason or "") or _BY_CODE.get(code or "") or _BY_CODE.get(etype or "")
+    cls = _anthropic_400(provider, status, etype, msg) or cls
     if cls is RateLimitError and per_day:
         cls = QuotaExceededError  # a daily quota will not come back after a short wait
     if cls is None:
