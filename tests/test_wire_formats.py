@@ -123,3 +123,23 @@ async def test_anthropic_rule_is_narrow(scripted, fake_retry):
     with pytest.raises(dsrs.BadRequestError) as e:
         await _openai(scripted, fake_retry).acall("hi")
     assert type(e.value) is dsrs.BadRequestError
+
+
+# -- Mistral streams -----------------------------------------------------------------------------
+async def test_mistral_stream_sends_no_stream_options_and_reads_usage_from_last_chunk(scripted, fake_retry):
+    def chunk(delta, finish=None, usage=None):
+        c = {"id": "cmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "mistral-small-latest",
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if usage:
+            c["usage"] = usage
+        return c
+
+    scripted.script(Reply(sse=[chunk({"role": "assistant", "content": "Bon"}), chunk({"content": "jour"}),
+                               chunk({"content": ""}, "stop", {"prompt_tokens": 7, "completion_tokens": 2,
+                                                               "total_tokens": 9}), "[DONE]"]))  # fmt: skip
+    lm = LM("mistral/mistral-small-latest", base_url=scripted.url + "/v1", api_key=KEY, retry_policy=fake_retry)
+    out = [x async for x in lm.astream("Say hello in French")]
+    assert "".join(x for x in out if isinstance(x, str)) == "Bonjour"
+    assert scripted.requests[0].json == {"model": "mistral-small-latest", "stream": True,
+                                         "messages": [{"role": "user", "content": "Say hello in French"}]}
+    assert (out[-1].usage.prompt_tokens, out[-1].usage.completion_tokens) == (7, 2)

@@ -42,7 +42,9 @@ SERVICES: dict[str, Service] = {
         _row("openrouter", "https://openrouter.ai/api/v1", "OPENROUTER_API_KEY"),
         _row("deepseek", "https://api.deepseek.com/v1", "DEEPSEEK_API_KEY", json_schema=False),
         _row("xai", "https://api.x.ai/v1", "XAI_API_KEY"),
-        _row("mistral", "https://api.mistral.ai/v1", "MISTRAL_API_KEY", quirks=frozenset({"random_seed"})),
+        # Mistral rejects `stream_options` (422) and sends usage in its last chunk anyway
+        _row("mistral", "https://api.mistral.ai/v1", "MISTRAL_API_KEY", stream_usage=False,
+             quirks=frozenset({"random_seed"})),  # fmt: skip
         Service(
             "llamacpp",
             "openai_chat",
