@@ -80,11 +80,11 @@ def test_unpriced_calls_refused_unless_allowed():
 def test_worst_case_estimate_is_high_and_documented():
     req = Request("gpt-4o-mini", (Message.system("be brief"), Message.user("héllo wörld" * 10)), max_tokens=50)
     n = estimate_prompt_tokens(req)
-    assert n == -(-len(b"be brief") // 2) + -(-len("héllo wörld".encode() * 10) // 2) + 2 * MESSAGE_OVERHEAD
+    assert n == len(b"be brief") + len("héllo wörld".encode() * 10) + 2 * MESSAGE_OVERHEAD  # a token per byte
     assert worst_case("openai", "gpt-4o-mini", req) == pricing.worst_case_msats("openai", "gpt-4o-mini", n, 50)
     no_max = Request("gpt-4o", req.messages)
     assert worst_case("openai", "gpt-4o", no_max) == pricing.worst_case_msats("openai", "gpt-4o", n, 16_384)
-    assert default_max_tokens("some-unknown-model") == 8192
+    assert default_max_tokens("some-unknown-model") == 131_072
     assert worst_case("openai", "not-in-table", req) is None
     assert worst_case("llamacpp", "anything", req) == 0
 
@@ -175,13 +175,13 @@ async def test_stream_settles_at_end_and_abandoned_stream_settles_to_what_was_st
     assert await agen.__anext__() == "Hi"
     await agen.aclose()  # the consumer walks away: the prompt and what was streamed may be billed
     prompt = estimate_prompt_tokens(lm.request("hi"))  # 1 + MESSAGE_OVERHEAD
-    assert b.spent_msats == cost(30, 2) + cost(prompt, 1)  # "Hi": 2 bytes / 2
-    assert cost(prompt, 1) < worst_case("openai", "gpt-4o-mini", lm.request("hi"))
+    assert b.spent_msats == cost(30, 2) + cost(prompt, 2)  # "Hi": 2 bytes, a token per byte at most
+    assert cost(prompt, 2) < worst_case("openai", "gpt-4o-mini", lm.request("hi"))
     assert b.reserved_msats == 0 and b.open_reservations == 0
 
 
 async def test_cancelled_stream_settles_to_the_estimate_capped_at_the_worst_case(scripted, fake_retry):
-    long = "é" * 200  # 400 bytes: 200 estimated tokens, over max_tokens
+    long = "é" * 200  # 400 bytes: up to 400 tokens, over max_tokens
     first = {"choices": [{"index": 0, "delta": {"content": "Hello"}}]}
     scripted.script(Reply(sse=[first], chunk_delay=3600),
                     Reply(sse=[{"choices": [{"index": 0, "delta": {"content": long}}]}], chunk_delay=3600))
@@ -193,7 +193,7 @@ async def test_cancelled_stream_settles_to_the_estimate_capped_at_the_worst_case
         async for item in lm.astream("hi"):
             await got.put(item)
 
-    for text, completion in (("Hello", 3), (long, 64)):
+    for text, completion in (("Hello", 5), (long, 64)):
         before = b.spent_msats
         task = asyncio.create_task(consume())
         assert await got.get() == text
@@ -212,9 +212,13 @@ async def test_an_error_that_says_what_was_spent_settles_it():
     lm = LM(PRICED).with_max_tokens(100)
     req = lm.request("hi")
     wc = worst_case("openai", "gpt-4o-mini", req)
-    for spent, unknown, expect in ((123, False, 123), (0, False, 0), (None, True, wc), (None, False, 0)):
+    cases = ((123, False, None, 123), (0, False, None, 0), (None, True, None, wc), (None, False, False, 0),
+             (None, False, None, wc))  # the last: an error that does not say nothing was billed keeps the worst case
+    for spent, unknown, billed, expect in cases:
         b = Budget(10**9)
         e = dsrs.errors.APIError("failed after paying")
+        if billed is not None:
+            e.billed = billed
         if spent is not None:
             e.spent_msats = spent
         if unknown:

@@ -53,15 +53,17 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from . import pricing
-from .errors import BudgetExceededError, ConfigurationError, ResponseFormatError, TimeoutError
+from .errors import BudgetExceededError, ConfigurationError
 from .settings import current
 from .types import Request
 
 log = logging.getLogger("dsrs.budget")
 
 MESSAGE_OVERHEAD = 8  # tokens per message for role markers and separators, generously
-GENERIC_MAX_TOKENS = 8192  # output cap assumed when neither request nor table says
-# Output caps assumed when a request has no max_tokens, by model-name prefix (first match wins).
+GENERIC_MAX_TOKENS = 131_072  # output cap assumed when neither the request nor the table says
+# Output caps assumed when nothing in the request caps the output, by model-name prefix (first
+# match wins): each model's documented maximum output. A protocol that always sends a cap (the
+# Anthropic Messages API requires one) declares it as its module's DEFAULT_MAX_TOKENS instead.
 DEFAULT_MAX_TOKENS: tuple[tuple[str, int], ...] = (
     ("gpt-5", 128_000),
     ("codex", 128_000),
@@ -70,11 +72,20 @@ DEFAULT_MAX_TOKENS: tuple[tuple[str, int], ...] = (
     ("o4", 100_000),
     ("gpt-4.1", 32_768),
     ("gpt-4o", 16_384),
+    ("gpt-4-turbo", 4_096),
+    ("gpt-3.5", 4_096),
+    ("claude-opus-4-5", 64_000),
     ("claude-opus-4", 32_000),
+    ("claude-3-7-sonnet", 128_000),  # with the output-128k beta header
+    ("claude-3-5", 8_192),
     ("claude", 64_000),
-    ("gemini-2.5", 65_536),
+    ("gemini", 65_536),
+    ("deepseek-chat", 8_192),
     ("deepseek-reasoner", 64_000),
 )
+# `extra` parameters that cap the output (the largest found wins) or multiply it (n choices).
+_OUTPUT_CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "maxOutputTokens", "num_predict")
+_MULTIPLIERS = ("n", "best_of", "candidateCount", "candidate_count", "num_generations")
 
 
 def default_max_tokens(model: str) -> int:
@@ -85,24 +96,67 @@ def default_max_tokens(model: str) -> int:
     return GENERIC_MAX_TOKENS
 
 
+def _extra_values(extra: Any, names: tuple[str, ...], depth: int = 0) -> list[int]:
+    """Whole-number values of `names` anywhere in `extra` (nested dicts such as generationConfig or
+    options included), so nothing passed through `extra` escapes the worst case."""
+    found: list[int] = []
+    if isinstance(extra, dict) and depth < 4:
+        for k, v in extra.items():
+            if k in names and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                found.append(math.ceil(v))
+            elif isinstance(v, dict):
+                found += _extra_values(v, names, depth + 1)
+    return found
+
+
+def output_multiplier(req: Request) -> int:
+    """How many completions the request asks for (`n` and its spellings in `extra`), at least 1."""
+    return max([1, *_extra_values(req.extra, _MULTIPLIERS)]) if req.extra else 1
+
+
+def max_output_tokens(model: str, req: Request, sent_default: int | None = None) -> int:
+    """The most output tokens `req` can produce per completion: the largest cap the request sends
+    (`max_tokens`, or one in `extra`), else the cap the protocol sends by default, else the model's."""
+    caps = _extra_values(req.extra, _OUTPUT_CAPS) if req.extra else []
+    if req.max_tokens is not None:
+        caps.append(req.max_tokens)
+    if caps:
+        return max(caps)
+    return sent_default if sent_default is not None else default_max_tokens(model)
+
+
 def estimate_prompt_tokens(req: Request) -> int:
-    """An upper estimate of the prompt's tokens (see the module notes)."""
+    """An upper bound of the prompt's tokens: one per UTF-8 byte (a token is at least one byte in
+    every byte-level BPE and SentencePiece vocabulary) plus `MESSAGE_OVERHEAD` per message."""
     n = 0
     for m in req.messages:
         size = len(m.content.encode("utf-8"))
         for t in m.tool_calls:
             size += len(t.name) + len(repr(t.arguments).encode("utf-8"))
-        n += math.ceil(size / 2) + MESSAGE_OVERHEAD
+        for part in getattr(m, "parts", None) or ():
+            size += _part_tokens(part)
+        for block in m.reasoning:
+            size += len(repr(block).encode("utf-8"))
+        n += size + MESSAGE_OVERHEAD
     for tool in req.tools:
-        n += math.ceil(len(repr(tool.to_json()).encode("utf-8")) / 2) + MESSAGE_OVERHEAD
+        n += len(repr(tool.to_json()).encode("utf-8")) + MESSAGE_OVERHEAD
     if req.response_format:
-        n += math.ceil(len(repr(req.response_format).encode("utf-8")) / 2)
+        n += len(repr(req.response_format).encode("utf-8"))
     return n
 
 
-def worst_case(provider: str, model: str, req: Request) -> int | None:
+IMAGE_TOKENS = 6_400  # an upper bound for one image part (OpenAI high detail at 2048 x 2048 is 1,105)
+
+
+def _part_tokens(part: Any) -> int:
+    if isinstance(part, dict) and part.get("type") not in (None, "text"):
+        return IMAGE_TOKENS
+    return len(repr(part).encode("utf-8"))
+
+
+def worst_case(provider: str, model: str, req: Request, sent_default: int | None = None) -> int | None:
     """The most this request can cost on `provider/model`, in msats; None when the price is unknown."""
-    max_out = req.max_tokens if req.max_tokens is not None else default_max_tokens(model)
+    max_out = max_output_tokens(model, req, sent_default) * output_multiplier(req)
     return pricing.worst_case_msats(provider, model, estimate_prompt_tokens(req), max_out)
 
 
@@ -110,7 +164,9 @@ def lm_worst_case(lm: Any, req: Request) -> int | None:
     """The most `req` can cost on `lm`: the LM's own `worst_case_msats(req)` when it has one (an LM
     that knows its price better than the table, e.g. a swarm bid), else the price table."""
     own = getattr(lm, "worst_case_msats", None)
-    return own(req) if own is not None else worst_case(lm.provider, lm.model, req)
+    if own is not None:
+        return own(req)
+    return worst_case(lm.provider, lm.model, req, getattr(lm, "default_max_tokens", None))
 
 
 class Reservation:
@@ -229,9 +285,14 @@ class Budget:
             left = max(0, self.limit_msats - self._spent - self._reserved)
         if refused:
             raise self._refusal(refused, amount, left)
+        r = Reservation(self, amount, unpriced)
         if over:
-            self._soft_limit(amount)
-        return Reservation(self, amount, unpriced)
+            try:
+                self._soft_limit(amount)
+            except BaseException:  # the callback stopped the call: nothing is sent, nothing booked
+                r.release()
+                raise
+        return r
 
     def _refusal(self, verdict: str, amount: int, left: int) -> BudgetExceededError:
         """The error for a refused reservation: `verdict` "unpriced" or "exceeded" (`left` msats left)."""
@@ -327,17 +388,22 @@ def refusal(lm: Any, req: Request, budgets: Sequence[Budget] | None = None) -> s
 
 
 class Hold:
-    """The reservations of one call on every budget that applies.
+    """The reservations of one attempt of one call on every budget that applies.
 
-    A streaming call reports its progress (`sending()` when the request goes out, `streamed(text)`
-    per delta) so that a cancelled or abandoned stream settles to what can have been billed.
+    Made by `reserve(lm, req, budgets)` just before the request goes out; ended exactly once by
+    `settle(usage)` (the answer came) or `fail(error)` (the rule in the module notes). A streaming
+    attempt reports its progress (`sending()` when the request goes out, `streamed(text)` per text
+    delta, `streamed_bytes += n` for billed output it does not show: reasoning, tool-call
+    arguments) so that a cancelled or abandoned stream settles to what can have been billed.
     """
 
-    __slots__ = ("reservations", "streamed_bytes")
+    __slots__ = ("reservations", "streamed_bytes", "lm", "req")
 
-    def __init__(self, reservations: list[Reservation]) -> None:
+    def __init__(self, reservations: list[Reservation], lm: Any = None, req: Request | None = None) -> None:
         self.reservations = reservations
         self.streamed_bytes: int | None = None  # None: no streaming request went out
+        self.lm = lm
+        self.req = req
 
     def sending(self) -> None:
         """A streaming request goes out now."""
@@ -363,6 +429,22 @@ class Hold:
         for r in self.reservations:
             r.settle(None)
 
+    def fail(self, e: BaseException) -> None:
+        """The attempt ended with `e`: book what the provider may have billed (module notes, Failure)."""
+        spent = getattr(e, "spent_msats", None)
+        if getattr(e, "spent_unknown", False):
+            self.keep()
+        elif isinstance(spent, int) and not isinstance(spent, bool):
+            self.settle_msats(spent)
+        elif not_billed(e):
+            self.release()
+        elif isinstance(e, _ABANDONED) and self.streamed_bytes is not None:
+            cost = billed_so_far(self.lm, self.req, self) if self.req is not None else None
+            for r in self.reservations:
+                r.settle(None if cost is None else min(cost, r.amount))
+        else:  # anything else after the request may have left: outcome unknown, the worst case stays
+            self.keep()
+
 
 class _NoHold(Hold):
     """The hold when no budget applies: shared, so it records nothing."""
@@ -375,68 +457,25 @@ class _NoHold(Hold):
     def streamed(self, text: str) -> None:
         return None
 
+    def fail(self, e: BaseException) -> None:
+        return None
 
-_NO_HOLD = _NoHold([])
 
-# Outcome unknown: the provider may have done (and billed) the work.
-_UNKNOWN_OUTCOME = (TimeoutError, ResponseFormatError, asyncio.CancelledError, GeneratorExit)
+NO_HOLD = _NoHold([])
+
 _ABANDONED = (asyncio.CancelledError, GeneratorExit)
 
 
-class _NoGuard:
-    """`guard` when no budget applies: nothing to reserve or undo (the common case, kept cheap:
-    a generator-based context manager costs several µs per call on the hot path)."""
-
-    __slots__ = ()
-
-    async def __aenter__(self) -> Hold:
-        return _NO_HOLD
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
+def not_billed(e: BaseException) -> bool:
+    """Does `e` prove the provider billed nothing? Only errors raised before anything was sent
+    (bad settings, budget refusals, no connection) and error answers over HTTP (status >= 400) do;
+    everything else after a request left (timeouts, resets, undecodable or in-band error answers,
+    exceptions from hooks or our own code) may have been billed."""
+    return isinstance(e, (ConfigurationError, BudgetExceededError)) or getattr(e, "billed", None) is False
 
 
-_NO_GUARD = _NoGuard()
-
-
-def guard(lm: Any, req: Request) -> contextlib.AbstractAsyncContextManager[Hold]:
-    """Reserve against every budget that applies to `lm` for `req`; yields an object with `settle(usage)`.
-
-    Use as `async with guard(lm, req) as hold:`.
-    """
-    budgets = applicable(lm)
-    if not budgets:
-        return _NO_GUARD
-    return _guard(lm, req, budgets)
-
-
-def billed_so_far(lm: Any, req: Request, hold: Hold) -> int | None:
-    """What a provider can have billed for a stream cut short by the caller: the prompt estimate plus
-    the streamed text at bytes / 2 tokens, at list price; None when unknown (self-priced or unpriced)."""
-    if getattr(lm, "worst_case_msats", None) is not None:
-        return None
-    completion = math.ceil((hold.streamed_bytes or 0) / 2)
-    return pricing.cost_msats(lm.provider, lm.model, estimate_prompt_tokens(req), completion)
-
-
-def _after_failure(lm: Any, req: Request, hold: Hold, e: BaseException) -> None:
-    spent = getattr(e, "spent_msats", None)
-    if getattr(e, "spent_unknown", False):
-        hold.keep()
-    elif isinstance(spent, int) and not isinstance(spent, bool):
-        hold.settle_msats(spent)
-    elif isinstance(e, _ABANDONED) and hold.streamed_bytes is not None:
-        cost = billed_so_far(lm, req, hold)
-        for r in hold.reservations:
-            r.settle(None if cost is None else min(cost, r.amount))
-    elif isinstance(e, _UNKNOWN_OUTCOME):
-        hold.keep()
-    else:
-        hold.release()
-
-
-@contextlib.asynccontextmanager
-async def _guard(lm: Any, req: Request, budgets: tuple[Budget, ...]) -> AsyncIterator[Hold]:
+def reserve(lm: Any, req: Request, budgets: Sequence[Budget]) -> Hold:
+    """Reserve `req`'s worst case on `lm` against every budget in `budgets`, all or nothing."""
     wc = lm_worst_case(lm, req)
     held: list[Reservation] = []
     try:
@@ -449,11 +488,51 @@ async def _guard(lm: Any, req: Request, budgets: tuple[Budget, ...]) -> AsyncIte
             e.provider, e.model = e.provider or lm.provider or None, e.model or lm.model or None
             e.args = (str(e),)
         raise
-    hold = Hold(held)
+    return Hold(held, lm, req)
+
+
+class _NoGuard:
+    """`guard` when no budget applies: nothing to reserve or undo."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> Hold:
+        return NO_HOLD
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_GUARD = _NoGuard()
+
+
+def guard(lm: Any, req: Request) -> contextlib.AbstractAsyncContextManager[Hold]:
+    """`async with guard(lm, req) as hold:` reserves on every budget that applies to `lm`, and on
+    leaving settles by the rules above (`hold.settle(usage)` inside the block books the answer).
+    For code that calls a provider itself; `BaseLM` uses `reserve` and `Hold` per attempt."""
+    budgets = applicable(lm)
+    if not budgets:
+        return _NO_GUARD
+    return _guard(lm, req, budgets)
+
+
+def billed_so_far(lm: Any, req: Request, hold: Hold) -> int | None:
+    """What a provider can have billed for a stream cut short by the caller: the prompt estimate plus
+    one token per streamed output byte (text, reasoning, tool-call arguments), at list price; None
+    when unknown (self-priced or unpriced)."""
+    if getattr(lm, "worst_case_msats", None) is not None:
+        return None
+    completion = hold.streamed_bytes or 0
+    return pricing.cost_msats(lm.provider, lm.model, estimate_prompt_tokens(req), completion)
+
+
+@contextlib.asynccontextmanager
+async def _guard(lm: Any, req: Request, budgets: tuple[Budget, ...]) -> AsyncIterator[Hold]:
+    hold = reserve(lm, req, budgets)
     try:
         yield hold
     except BaseException as e:
-        _after_failure(lm, req, hold, e)
+        hold.fail(e)
         raise
     else:
         hold.keep()  # no-op when the call settled; otherwise the cost is unknown

@@ -8,6 +8,7 @@ which backend answers (`_make_backend`).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import re
 import time
@@ -15,15 +16,16 @@ from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any
 
 from . import _sync, pricing
-from .budget import guard
+from .budget import NO_HOLD, Hold, applicable, reserve
 from .cache import Cache, cache_key, default_cache
-from .errors import ConfigurationError, DsrsError
+from .errors import ConfigurationError, DsrsError, ResponseFormatError
 from .providers.base import Backend, Secret
 from .retry import RetryPolicy
 from .settings import current
 from .types import Completion, Message, Request, StreamEnd, Tool
 
 Input = str | Message | dict[str, Any] | Sequence[Message | dict[str, Any]]
+log = logging.getLogger("dsrs.lm")
 
 # Options that become Request fields (change the answer) vs. options of the connection.
 _REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop", "num_ctx", "tools", "tool_choice",
@@ -152,7 +154,12 @@ class BaseLM:
 
     @property
     def options(self) -> dict[str, Any]:
-        return dict(self._opts)
+        """The options set on this LM; the API key stays hidden (a `Secret`) and secret-looking
+        headers (auth, key, token...) show as '**********'."""
+        o = dict(self._opts)
+        if o.get("headers"):
+            o["headers"] = {k: "**********" if _SECRET_HEADER.search(k) else v for k, v in o["headers"].items()}
+        return o
 
     def __repr__(self) -> str:
         shown = {k: v for k, v in self._opts.items() if k not in ("api_key", "headers", "retry_policy")}
@@ -229,15 +236,49 @@ class BaseLM:
         n = self._opts.get("retries")
         return p if n is None else RetryPolicy(n, p.sleep, p.rand)
 
-    def _finish(self, c: Completion, started: float) -> Completion:
+    def _priced(self, c: Completion) -> Completion:
         c.usage = pricing.apply(c.usage, self.provider, self.model)
         c.provider = c.provider or self.provider
+        return c
+
+    def _finish(self, c: Completion, started: float) -> Completion:
+        """Run the usage hooks (after the money is booked). A hook that raises is logged and the
+        call still returns its answer: it has been paid for."""
         hooks = current().on_usage
         if hooks:
             c.latency_s = time.perf_counter() - started
             for h in hooks:
-                h(c)
+                try:
+                    h(c)
+                except Exception:
+                    log.exception("an on_usage hook raised (the call's answer and cost are kept)")
         return c
+
+    def _secrets(self) -> tuple[str, ...]:
+        """Every secret this LM sends: its API key (explicit or from the environment) and the values
+        of secret-looking headers."""
+        found = [getattr(self._opts.get("api_key"), "get", lambda: None)(), getattr(self._backend_obj, "_key", None)]
+        found += [v for k, v in (self._opts.get("headers") or {}).items() if _SECRET_HEADER.search(k)]
+        return tuple(x for x in found if isinstance(x, str) and len(x) >= 4)
+
+    def _failed(self, e: BaseException) -> BaseException:
+        """The error a failed call raises: any exception a backend raised that is not a `DsrsError`
+        becomes a `ResponseFormatError` (the provider may have answered and billed), and no error
+        text carries a secret, whatever path it came by (HTTP errors, in-band errors, our own code)."""
+        if not isinstance(e, Exception):
+            return e  # cancellation, GeneratorExit, KeyboardInterrupt: as they are
+        if not isinstance(e, DsrsError):
+            err: DsrsError = ResponseFormatError(
+                f"could not read the answer ({type(e).__name__}: {str(e)[:200]})",
+                provider=self.provider, model=self.model,
+                hint="the provider's answer did not have the shape its protocol promises; it may have been billed",
+            )  # fmt: skip
+            err.__cause__ = e
+            e = err
+        secrets = self._secrets()
+        if secrets:
+            _scrub_error(e, secrets)
+        return e
 
     # -- calls ------------------------------------------------------------------------------
     def acall(self, prompt: Input, **overrides: Any) -> Coroutine[Any, Any, Completion]:
@@ -251,25 +292,68 @@ class BaseLM:
         cache, key, hit = self._lookup(req, started)
         if hit is not None:
             return hit
-        backend = self.backend
-        async with guard(self, req) as hold:
-            try:  # the first try is awaited here, the rest (if any) by the retry policy
-                c = await backend.complete(req)
-            except DsrsError as e:
-                c = await self._retry().run(lambda: backend.complete(req), e)
-            c = self._finish(c, started)
-            hold.settle(c.usage)
+        budgets = applicable(self)
+        try:  # the first try is awaited here, the rest (if any) by the retry policy
+            if budgets:
+                c = await self._attempt(req, budgets)
+            else:
+                c = self._priced(await self.backend.complete(req))
+        except DsrsError as e:
+            try:
+                c = await self._retry().run(lambda: self._attempt(req, budgets), e)
+            except DsrsError as e2:
+                self._failed(e2)  # typed already: only scrubbed
+                raise
+        except Exception as e:
+            raise self._failed(e) from e
+        c = self._finish(c, started)
         if key is not None:
             cache.put(key, c)  # type: ignore[union-attr]
+        return c
+
+    async def _attempt(self, req: Request, budgets: tuple[Any, ...]) -> Completion:
+        """One try: reserve the worst case on every budget, send, settle to the priced answer or
+        book what the failure may have cost (`Hold.fail`). Each retry reserves anew, so a try that
+        timed out keeps its worst case even when a later one succeeds."""
+        hold = reserve(self, req, budgets) if budgets else NO_HOLD
+        try:
+            c = self._priced(await self.backend.complete(req))
+        except BaseException as e:
+            err = self._failed(e)
+            hold.fail(err)
+            if err is e:
+                raise
+            raise err from e
+        hold.settle(c.usage)
         return c
 
     def __call__(self, prompt: Input, **overrides: Any) -> Completion:
         return _sync.run(self.acall(prompt, **overrides))
 
+    async def _open_stream(self, req: Request, budgets: tuple[Any, ...]) -> tuple[Any, Hold, Any]:
+        """One try at a stream: reserve, send, wait for the first item. (agen, hold, first item)."""
+        hold = reserve(self, req, budgets) if budgets else NO_HOLD
+        hold.sending()  # nothing sent yet means nothing reserved: no await between reserve and here
+        agen = self.backend.stream(req).__aiter__()
+        try:
+            return agen, hold, await agen.__anext__()
+        except BaseException as e:
+            err = self._failed(_ended(e))
+            hold.fail(err)
+            try:
+                await agen.aclose()
+            except Exception:  # a broken stream may fail to close: its first error is the one to tell
+                pass
+            if err is e:
+                raise
+            raise err from e
+
     async def astream(self, prompt: Input, **overrides: Any) -> AsyncIterator[str | StreamEnd]:
         """Text deltas as they arrive, then one `StreamEnd` holding the completion and usage.
 
         Failures before the first delta are retried like any call; after it they propagate.
+        A backend may also yield `int` byte counts of billed output it does not show (reasoning,
+        tool-call arguments): they count for an abandoned stream's cost and are not passed on.
         """
         req = self.request(prompt, **overrides)
         started = time.perf_counter()
@@ -279,42 +363,78 @@ class BaseLM:
                 yield hit.text
             yield StreamEnd(hit)
             return
-        backend = self.backend
-        agen = None
-
-        async def first() -> Any:
-            nonlocal agen
-            hold.sending()  # a cancelled stream settles to what was streamed (dsrs.budget)
-            agen = backend.stream(req).__aiter__()
+        budgets = applicable(self)
+        try:
+            agen, hold, item = await self._open_stream(req, budgets)
+        except DsrsError as e:
             try:
-                return await agen.__anext__()
-            except BaseException:
-                await agen.aclose()
+                agen, hold, item = await self._retry().run(lambda: self._open_stream(req, budgets), e)
+            except DsrsError as e2:
+                self._failed(e2)
                 raise
-
-        async with guard(self, req) as hold:
-            item = await self._retry().run(first)
-            assert agen is not None
-            try:
-                while True:
-                    if isinstance(item, Completion):
-                        c = self._finish(item, started)
-                        hold.settle(c.usage)
-                        if key is not None:
-                            cache.put(key, c)  # type: ignore[union-attr]
-                        yield StreamEnd(c)
-                        return
+        try:
+            while True:
+                if isinstance(item, Completion):
+                    c = self._priced(item)
+                    hold.settle(c.usage)
+                    c = self._finish(c, started)
+                    if key is not None:
+                        cache.put(key, c)  # type: ignore[union-attr]
+                    yield StreamEnd(c)
+                    return
+                if isinstance(item, int):
+                    hold.streamed_bytes = (hold.streamed_bytes or 0) + item
+                else:
                     hold.streamed(item)
                     yield item
-                    item = await agen.__anext__()
-            finally:
+                item = await agen.__anext__()
+        except BaseException as e:
+            err = self._failed(_ended(e))
+            hold.fail(err)
+            if err is e:
+                raise
+            raise err from e
+        finally:
+            try:
                 await agen.aclose()
+            except Exception:
+                pass
 
     def stream(self, prompt: Input, **overrides: Any) -> Iterator[str | StreamEnd]:
         return _sync.iterate(self.astream(prompt, **overrides))
 
 
 _DEFAULT_RETRY = RetryPolicy()
+
+
+def _ended(e: BaseException) -> BaseException:
+    """A stream that ended without its final completion is a malformed answer."""
+    if isinstance(e, StopAsyncIteration):
+        return ResponseFormatError("the stream ended without a final completion")
+    return e
+
+
+def _scrub_error(e: DsrsError, secrets: tuple[str, ...]) -> None:
+    """Remove `secrets` from an error's text, and from the errors it was raised from."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, DsrsError):
+            for attr in ("message", "hint"):
+                v = getattr(x, attr, None)
+                if isinstance(v, str) and any(s in v for s in secrets):
+                    setattr(x, attr, _scrub(v, secrets))
+            x.args = (str(x),)
+        elif any(isinstance(a, str) and any(s in a for s in secrets) for a in x.args):
+            x.args = tuple(_scrub(a, secrets) if isinstance(a, str) else a for a in x.args)
+        x = x.__cause__ or x.__context__
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    for sec in secrets:
+        text = text.replace(sec, "[redacted]")
+    return text
 
 
 class LM(BaseLM):
@@ -335,3 +455,11 @@ class LM(BaseLM):
     @property
     def local(self) -> bool:
         return self.service.local
+
+    @property
+    def default_max_tokens(self) -> int | None:
+        """The output cap this LM's protocol sends when the request sets none (Anthropic's
+        Messages API requires one), or None when it sends none (the model's own cap applies)."""
+        from .registry import protocol
+
+        return getattr(protocol(self.service), "DEFAULT_MAX_TOKENS", None)
