@@ -283,9 +283,9 @@ def test_on_down_local_hands_outage_spending_to_redis_when_it_returns() -> None:
     srv = RedisServer.start()
     try:
         prefix = f"t{uuid.uuid4().hex[:8]}:"
-        b = RedisBudget(RedisState(srv.url, prefix=prefix), "b", 10_000, on_down="local")
+        b = RedisBudget(RedisState(srv.url, prefix=prefix), "b", 10_000, on_down="local", outage_msats=6_000)
         b.reserve(4_000).settle(4_000)
-        assert b.state_counts()["spent"] == 4_000
+        assert b.state_counts()["spent"] == 4_000 and b.state_counts()["held"] == 6_000
         srv.stop(save=True)
         b.reserve(5_000).settle(5_000)  # booked in-process
         held = b.reserve(600)  # still open when Redis returns
@@ -296,7 +296,7 @@ def test_on_down_local_hands_outage_spending_to_redis_when_it_returns() -> None:
         assert ei.value.code == "budget_exceeded" and b.state.up is True and b._local is None
         other = RedisBudget(RedisState(srv.url, prefix=prefix), "b", 10_000)  # another process's view
         assert other.state_counts() == {"spent": 9_000, "reserved": 600, "open": 1, "calls": 2, "released": 0,
-                                        "unpriced_calls": 0}  # fmt: skip
+                                        "unpriced_calls": 0, "held": 400, "expired": 0}  # fmt: skip
         held.settle(500)  # the reservation booked locally settles in Redis
         assert (other.spent_msats, other.reserved_msats, other.open_reservations) == (9_500, 0, 0)
         b.reserve(500).settle(500)
@@ -307,11 +307,12 @@ def test_on_down_local_hands_outage_spending_to_redis_when_it_returns() -> None:
         srv.kill()
 
 
-def test_on_down_local_starts_from_the_last_settled_figures() -> None:
-    """A process that never read the counters still books an outage on what was left, not the whole limit."""
+def test_on_down_local_books_an_outage_on_the_allowance_redis_set_aside() -> None:
+    """An outage is booked on the allowance Redis held for this process (here 6,000 of the 6,000 left)."""
     srv = RedisServer.start()
     try:
-        b = RedisBudget(RedisState(srv.url, prefix=f"t{uuid.uuid4().hex[:8]}:"), "b", 10_000, on_down="local")
+        b = RedisBudget(RedisState(srv.url, prefix=f"t{uuid.uuid4().hex[:8]}:"), "b", 10_000, on_down="local",
+                        outage_msats=8_000)  # fmt: skip
         b.reserve(4_000).settle(4_000)
         srv.stop()
         with pytest.raises(BudgetExceededError) as ei:
