@@ -2,7 +2,8 @@
 
 The key is a hash of a canonical JSON of everything that changes the answer (provider, model,
 the formatted messages, every sampling and provider parameter) and `KEY_VERSION`; never
-credentials or base URLs. A corrupt database is moved aside and rebuilt, with a warning.
+credentials or base URLs. A corrupt database is moved aside and rebuilt, with a warning; a locked,
+full or unwritable one, or a row that is not a dsrs answer, is a miss, never an error.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import hashlib
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import _sqlite
+from ._sqlite import private_file  # noqa: F401 - kept importable from here
 from .types import Completion, CostSource, Request
 
 KEY_VERSION = 1
@@ -77,81 +79,44 @@ def default_dir() -> Path:
     return Path(platformdirs.user_cache_dir("dsrs"))
 
 
-def private_file(path: Path) -> None:
-    """Create `path` (and its folder) readable by this user only: 0600 in a 0700 folder."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-    os.chmod(path, 0o600)
-
-
 class SqliteStore:
-    """One table of JSON rows. Opened on first use; thread-safe."""
+    """One table of JSON rows, shared by every store on the same file in this process.
+
+    `put` queues the row for a background writer thread (`dsrs._sqlite`): a commit is an fsync,
+    which must not stall the event loop. A row queued but not yet committed is still found by `get`.
+    `flush()` waits for the writes; interpreter exit flushes too. A locked, full, unwritable or
+    corrupt file never fails a call (see `dsrs._sqlite`)."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path else default_dir() / "cache.sqlite3"
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-
-    def _open(self) -> sqlite3.Connection:
-        if self._db is None:
-            private_file(self.path)
-            try:
-                self._db = self._connect()
-            except sqlite3.DatabaseError as e:
-                self._rebuild(e)
-        return self._db  # type: ignore[return-value]
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL)")
-        db.execute("SELECT count(*) FROM answers").fetchone()
-        return db
-
-    def _rebuild(self, err: Exception) -> None:
-        aside = self.path.with_suffix(f".corrupt-{int(time.time())}")
-        log.warning("dsrs cache %s is unreadable (%s); moved it to %s and started a new one", self.path, err, aside)
-        if self._db is not None:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass
-        for suffix in ("", "-wal", "-shm"):
-            p = Path(str(self.path) + suffix)
-            if p.exists():
-                p.rename(Path(str(aside) + suffix))
-        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-        self._db = self._connect()
+        self.file = _sqlite.shared(self.path, _SCHEMA, log, "the dsrs cache", "answers are not cached")
 
     def get(self, key: str) -> dict[str, Any] | None:
-        with self._lock:
-            try:
-                row = self._open().execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
-            except sqlite3.DatabaseError as e:
-                self._rebuild(e)
+        blob = self.file.pending.get(key)
+        if blob is None:
+            row = self.file.read(lambda db: db.execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone(), None)
+            if row is None:
                 return None
-        if row is None:
-            return None
+            blob = row[0]
         try:
-            return json.loads(row[0])
-        except ValueError:
+            v = json.loads(blob)
+        except (ValueError, TypeError):  # not JSON, or not text: another program's row
             return None
+        return v if isinstance(v, dict) else None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         blob = json.dumps(value, ensure_ascii=False)
-        with self._lock:
-            try:
-                self._open().execute(
-                    "INSERT OR REPLACE INTO answers (key, value, created) VALUES (?, ?, ?)", (key, blob, time.time())
-                )
-            except sqlite3.DatabaseError as e:
-                self._rebuild(e)
+        self.file.write(_PUT, (key, blob, time.time()), key, blob)
+
+    def flush(self) -> None:
+        self.file.flush()
 
     def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        self.file.close()
+
+
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL)",)
+_PUT = "INSERT OR REPLACE INTO answers (key, value, created) VALUES (?, ?, ?)"
 
 
 _HIT = {"cost_msats": 0, "cost_source": CostSource.CACHE.value, "cache_hit": True, "calls": 1}
@@ -172,20 +137,42 @@ class Cache:
 
     def get(self, key: str) -> Completion | None:
         blob = self.memory.get(key)
-        if blob is not None:
+        if blob is not None:  # written by `put` in this process
             v = json.loads(blob)  # a fresh object per hit: callers may mutate what they get
-        else:
-            v = self.store.get(key)
-            if v is None:
-                return None
+            # marked as a hit while decoding (one usage object, not a decode then a `replace` copy)
+            return Completion.from_json({**v, "usage": {**v["usage"], **_HIT}})
+        v = self.store.get(key)
+        c = _decode(v) if v is not None else None
+        if c is not None:
             self.memory.put(key, json.dumps(v, ensure_ascii=False))
-        # marked as a hit while decoding (one usage object, not a decode then a `replace` copy)
-        return Completion.from_json({**v, "usage": {**v["usage"], **_HIT}})
+        return c
 
     def put(self, key: str, c: Completion) -> None:
         v = c.to_json()
+        v["v"] = KEY_VERSION
         self.memory.put(key, json.dumps(v, ensure_ascii=False))  # text: later mutation of `c` cannot reach it
         self.store.put(key, v)
+
+
+def _decode(v: Any) -> Completion | None:
+    """A stored row as a cache hit, or None when it is not a dsrs answer of this key version
+    (another program's row, a key collision, wrong types): a miss, never an error or a wrong answer."""
+    try:
+        if not isinstance(v, dict) or v.get("v", KEY_VERSION) != KEY_VERSION or not isinstance(v["usage"], dict):
+            return None
+        c = Completion.from_json({**v, "usage": {**v["usage"], **_HIT}})
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    u = c.usage
+    counts = (u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens, u.reasoning_tokens,
+              u.cache_write_tokens)  # fmt: skip
+    ok = (
+        isinstance(c.text, str) and all(type(n) is int and n >= 0 for n in counts) and type(u.estimated) is bool
+        and all(isinstance(x, str) for x in (c.finish_reason, c.model, c.provider)) and isinstance(c.id, (str, type(None)))
+        and all(isinstance(t.id, str) and isinstance(t.name, str) and isinstance(t.arguments, dict) for t in c.tool_calls)
+        and all(isinstance(r, dict) for r in c.reasoning)
+    )  # fmt: skip
+    return c if ok else None
 
 
 _default: Cache | None = None

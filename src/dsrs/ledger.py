@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cache import private_file
-from .errors import ConfigurationError
+from . import _sqlite
+from .errors import ConfigurationError, DsrsError
 
 log = logging.getLogger("dsrs.ledger")
 
@@ -71,24 +71,23 @@ class Summary:
 
 
 class Ledger:
+    """`record` queues the row for the file's background writer (never an fsync on the caller's
+    thread); `rows` and `summary` see every row this process recorded. A ledger file that is
+    locked, full or unwritable drops rows with a warning (counted in `dropped`); a corrupt one is
+    moved aside and started anew (`dsrs._sqlite`)."""
+
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         if path is None:
             from .cache import default_dir
 
             path = default_dir() / "ledger.sqlite3"
         self.path = Path(path)
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self.file = _sqlite.shared(self.path, (_SCHEMA,), log, "the usage ledger", "usage rows are not recorded")
 
-    def _open(self) -> sqlite3.Connection:
-        if self._db is None:
-            private_file(self.path)
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # no fsync per row; a crash of this process loses nothing
-            db.execute(_SCHEMA)
-            self._db = db
-        return self._db
+    @property
+    def dropped(self) -> int:
+        """Rows this process could not write (locked, full or unwritable file)."""
+        return self.file.dropped
 
     def record(self, completion: Any, *, lane: str | None = None, program: str | None = None,
                latency_s: float | None = None, at: float | None = None) -> None:  # fmt: skip
@@ -98,18 +97,11 @@ class Ledger:
         row = (time.time() if at is None else at, lane, completion.provider or "", completion.model or "", u.prompt_tokens,
                u.completion_tokens, u.total_tokens, u.cost_msats, src, int(u.cache_hit), int(u.estimated),
                completion.latency_s if completion.latency_s is not None else latency_s, program)  # fmt: skip
-        try:
-            with self._lock:
-                self._open().execute(_INSERT, row)
-        except (sqlite3.Error, OSError) as e:
-            log.warning("could not write the usage ledger %s: %s", self.path, e)
+        self.file.write(_INSERT, row)
 
     def rows(self, since: float | None = None) -> list[Row]:
         q = f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE time >= ? ORDER BY id"
-        with self._lock:
-            if not self._exists():
-                return []
-            raw = self._open().execute(q, (since or 0,)).fetchall()
+        raw = self._read(q, since)
         return [Row(*r[:9], bool(r[9]), bool(r[10]), r[11], r[12]) for r in raw]
 
     def summary(self, by: str = "model", since: float | None = None) -> list[Summary]:
@@ -122,20 +114,25 @@ class Ledger:
             " coalesce(sum(cost_msats), 0), sum(cost_msats IS NULL), sum(cache_hit), min(time), max(time)"
             " FROM calls WHERE time >= ? GROUP BY k ORDER BY " + ("k" if by == "day" else "min(time)")
         )
-        with self._lock:
-            if not self._exists():
-                return []
-            raw = self._open().execute(q, (since or 0,)).fetchall()
-        return [Summary(*r) for r in raw]
+        return [Summary(*r) for r in self._read(q, since)]
 
-    def _exists(self) -> bool:
-        return self._db is not None or self.path.exists()
+    def _read(self, q: str, since: float | None) -> list[Any]:
+        self.file.flush()
+        if not self.path.exists():  # nothing recorded here: read as empty, create nothing
+            return []
+        try:
+            return self.file.read_or_raise(lambda db: db.execute(q, (since or 0,)).fetchall(), [])
+        except sqlite3.Error as e:
+            raise DsrsError(f"could not read the usage ledger {self.path}: {e}",
+                            code=getattr(e, "sqlite_errorname", None),
+                            hint="another program may hold it locked; try again, or set DSRS_CACHE_DIR") from None  # fmt: skip
+
+    def flush(self) -> None:
+        """Wait until every row recorded so far is written."""
+        self.file.flush()
 
     def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        self.file.close()
 
 
 _ledgers: dict[Any, Any] = {}
