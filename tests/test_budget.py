@@ -159,7 +159,7 @@ async def test_global_program_and_lm_budgets_all_reserve_once(scripted, fake_ret
     assert own.reserved_msats == 0 and own.spent_msats == one
 
 
-async def test_stream_settles_at_end_and_abandoned_stream_settles_to_what_was_streamed(scripted, fake_retry):
+async def test_stream_settles_at_end_and_abandoned_stream_keeps_the_worst_case(scripted, fake_retry):
     chunks = [
         {"choices": [{"index": 0, "delta": {"content": "Hi"}}]},
         {"choices": [{"index": 0, "delta": {"content": " there"}, "finish_reason": "stop"}]},
@@ -173,18 +173,14 @@ async def test_stream_settles_at_end_and_abandoned_stream_settles_to_what_was_st
     assert items[-1].usage.cost_msats == b.spent_msats == cost(30, 2)
     agen = lm.astream("hi")
     assert await agen.__anext__() == "Hi"
-    await agen.aclose()  # the consumer walks away: the prompt and what was streamed may be billed
-    prompt = estimate_prompt_tokens(lm.request("hi"))  # 1 + MESSAGE_OVERHEAD
-    assert b.spent_msats == cost(30, 2) + cost(prompt, 2)  # "Hi": 2 bytes, a token per byte at most
-    assert cost(prompt, 2) < worst_case("openai", "gpt-4o-mini", lm.request("hi"))
+    await agen.aclose()  # the consumer walks away: the provider may go on generating (and billing)
+    assert b.spent_msats == cost(30, 2) + worst_case("openai", "gpt-4o-mini", lm.request("hi"))
     assert b.reserved_msats == 0 and b.open_reservations == 0
 
 
-async def test_cancelled_stream_settles_to_the_estimate_capped_at_the_worst_case(scripted, fake_retry):
-    long = "é" * 200  # 400 bytes: up to 400 tokens, over max_tokens
+async def test_cancelled_stream_keeps_the_worst_case(scripted, fake_retry):
     first = {"choices": [{"index": 0, "delta": {"content": "Hello"}}]}
-    scripted.script(Reply(sse=[first], chunk_delay=3600),
-                    Reply(sse=[{"choices": [{"index": 0, "delta": {"content": long}}]}], chunk_delay=3600))
+    scripted.script(Reply(sse=[first], chunk_delay=3600))
     b = Budget(10**9)
     lm = lm_for(scripted, fake_retry).with_budget(b).with_max_tokens(64)
     got = asyncio.Queue()
@@ -193,17 +189,13 @@ async def test_cancelled_stream_settles_to_the_estimate_capped_at_the_worst_case
         async for item in lm.astream("hi"):
             await got.put(item)
 
-    for text, completion in (("Hello", 5), (long, 64)):
-        before = b.spent_msats
-        task = asyncio.create_task(consume())
-        assert await got.get() == text
-        task.cancel()  # e.g. the gateway's client disconnected
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        prompt = estimate_prompt_tokens(lm.request("hi"))
-        assert b.spent_msats - before == cost(prompt, completion)
-        assert (b.reserved_msats, b.open_reservations) == (0, 0)
-    assert cost(prompt, 64) == worst_case("openai", "gpt-4o-mini", lm.request("hi"))
+    task = asyncio.create_task(consume())
+    assert await got.get() == "Hello"
+    task.cancel()  # e.g. the gateway's client disconnected
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert b.spent_msats == worst_case("openai", "gpt-4o-mini", lm.request("hi"))
+    assert (b.reserved_msats, b.open_reservations) == (0, 0)
 
 
 async def test_an_error_that_says_what_was_spent_settles_it():

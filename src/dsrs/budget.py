@@ -11,39 +11,45 @@ Rules (each one a decision):
 - **Atomic.** `reserve` checks and books under a `threading.Lock` with no await inside, so no
   interleaving of asyncio tasks or threads can book past the limit: `spent + reserved <= limit`
   holds for hard budgets whenever the provider charged no more than the worst case.
-- **Worst case** = every prompt token uncached plus `max_tokens` output, at list price
-  (`pricing.worst_case_msats`), unless the LM prices itself (`lm.worst_case_msats(req)`, e.g. a
-  swarm bid). Prompt tokens are estimated high: UTF-8 bytes / 2 per message plus
-  `MESSAGE_OVERHEAD` (real tokenizers average ~4 bytes per token in English, ~1 token per CJK
-  character). Without `max_tokens` in the request, `default_max_tokens` (a documented table)
-  stands in for the model's output cap: set `max_tokens` to make budgets tight.
+- **Worst case** = every prompt token uncached plus the most output the request allows, at list
+  price (`pricing.worst_case_msats`), unless the LM prices itself (`lm.worst_case_msats(req)`, e.g.
+  a swarm bid). Prompt tokens are bounded at one per UTF-8 byte (a token is at least one byte in
+  every byte-level BPE and SentencePiece vocabulary) plus `MESSAGE_OVERHEAD` per message and
+  `IMAGE_TOKENS` per image part. Output: the largest cap the request sends (`max_tokens`, or
+  `max_completion_tokens`/`max_output_tokens`/`maxOutputTokens`/`num_predict` in `extra`, nested
+  dicts included), times the number of completions asked (`n`, `candidateCount`... in `extra`);
+  without one, the cap the protocol sends by default (`lm.default_max_tokens`: the Anthropic
+  Messages API requires one, dsrs sends 4096), else the model's documented maximum output
+  (`DEFAULT_MAX_TOKENS`, by name prefix; `GENERIC_MAX_TOKENS` when unknown). Set `max_tokens` to
+  make budgets tight.
 - **Hard limit**: `BudgetExceededError` before anything is sent. **Soft limit** (`soft=True`):
   the call goes ahead and `on_soft_limit(budget, needed_msats)` is called (default: a logged
-  warning).
-- **Unknown price** (a model not in the price table): a hard budget refuses the call
-  (`BudgetExceededError`, code `unpriced`) unless the budget was made with
-  `allow_unpriced=True`, in which case the call books 0 and is counted in `unpriced_calls`.
-  Soft budgets let unpriced calls through, counted the same way. Free local models price at 0.
-- **Settle**: to `usage.cost_msats`. An unknown actual cost (`None`) keeps the whole reservation
-  (conservative). A provider charging more than the worst case is recorded as spent all the
-  same (the truth), which can leave the budget over its limit: later calls are then refused.
-- **Failure**: an error the provider answered with, or one raised before anything was sent,
-  releases the reservation. An error that says what the failed call already cost (any
-  `DsrsError` with an int `spent_msats`, e.g. a swarm job paid and then failed) settles to that
-  amount; one that marks the spending unknown (`spent_unknown = True`, e.g. a payment with no
-  answer) keeps the worst case. When the outcome is unknown (a timeout, a malformed or cut
-  answer, a cancelled non-streaming call) the reservation is kept at the worst case.
-- **Cancelled or abandoned stream** (e.g. a gateway client disconnecting): settles to what the
-  provider can have billed so far: the worst case's prompt estimate plus the completion tokens
-  streamed, estimated high at streamed UTF-8 bytes / 2, at list price, never above the worst
-  case. Kept at the worst case when the LM prices itself (`worst_case_msats`, e.g. a swarm bid)
-  or the price is unknown. (Nothing sent yet means nothing reserved: `BaseLM.astream` reserves
-  and hands the request to the backend with no await in between.)
+  warning); a callback that raises stops the call before anything is sent, nothing booked.
+- **Unknown price** (a model not in the price table, or an LM that cannot bound a call, such as
+  a Codex CLI turn): a hard budget refuses the call (`BudgetExceededError`, code `unpriced`) unless
+  the budget was made with `allow_unpriced=True`, in which case the call reserves 0, settles to its
+  actual cost when known, and is counted in `unpriced_calls`. Free local models price at 0.
+- **One reservation per attempt.** `BaseLM` reserves before each try (retries included) and ends
+  each reservation when that try ends: a try that timed out keeps its worst case even when a later
+  retry succeeds, exactly as when a LaneMux falls back to another lane.
+- **Settle**: to `usage.cost_msats`, after pricing and before any usage hook runs (a hook that
+  raises cannot undo the booking). An unknown actual cost (`None`) keeps the whole reservation. A
+  provider charging more than the worst case is recorded as spent all the same (the truth), which
+  can leave the budget over its limit: later calls are then refused.
+- **Failure**: only an error that proves nothing was billed releases the reservation: one raised
+  before anything was sent (`ConfigurationError`, a budget refusal, a connection that never
+  opened) or an error answer over HTTP (status >= 400; such errors carry `billed = False`). An
+  error that says what the failed call already cost (an int `spent_msats`, e.g. a swarm job paid
+  and then failed) settles to that amount; one with `spent_unknown = True` keeps the worst case.
+  **Everything else keeps the worst case**, since the provider may have done and billed the work:
+  timeouts, resets, undecodable answers, error objects inside a 200 answer or a stream, exceptions
+  from our own code, cancellation, and a stream the caller abandons (the provider may go on
+  generating after the disconnect, reasoning and tool-call arguments included; what was in flight
+  is unknowable).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import logging
@@ -391,27 +397,13 @@ class Hold:
     """The reservations of one attempt of one call on every budget that applies.
 
     Made by `reserve(lm, req, budgets)` just before the request goes out; ended exactly once by
-    `settle(usage)` (the answer came) or `fail(error)` (the rule in the module notes). A streaming
-    attempt reports its progress (`sending()` when the request goes out, `streamed(text)` per text
-    delta, `streamed_bytes += n` for billed output it does not show: reasoning, tool-call
-    arguments) so that a cancelled or abandoned stream settles to what can have been billed.
+    `settle(usage)` (the answer came) or `fail(error)` (the rules in the module notes).
     """
 
-    __slots__ = ("reservations", "streamed_bytes", "lm", "req")
+    __slots__ = ("reservations",)
 
-    def __init__(self, reservations: list[Reservation], lm: Any = None, req: Request | None = None) -> None:
+    def __init__(self, reservations: list[Reservation]) -> None:
         self.reservations = reservations
-        self.streamed_bytes: int | None = None  # None: no streaming request went out
-        self.lm = lm
-        self.req = req
-
-    def sending(self) -> None:
-        """A streaming request goes out now."""
-        if self.streamed_bytes is None:
-            self.streamed_bytes = 0
-
-    def streamed(self, text: str) -> None:
-        self.streamed_bytes = (self.streamed_bytes or 0) + len(text.encode("utf-8"))
 
     def settle(self, usage: Any) -> None:
         self.settle_msats(getattr(usage, "cost_msats", None))
@@ -430,7 +422,7 @@ class Hold:
             r.settle(None)
 
     def fail(self, e: BaseException) -> None:
-        """The attempt ended with `e`: book what the provider may have billed (module notes, Failure)."""
+        """The attempt ended with `e`: book what the provider may have billed."""
         spent = getattr(e, "spent_msats", None)
         if getattr(e, "spent_unknown", False):
             self.keep()
@@ -438,32 +430,11 @@ class Hold:
             self.settle_msats(spent)
         elif not_billed(e):
             self.release()
-        elif isinstance(e, _ABANDONED) and self.streamed_bytes is not None:
-            cost = billed_so_far(self.lm, self.req, self) if self.req is not None else None
-            for r in self.reservations:
-                r.settle(None if cost is None else min(cost, r.amount))
         else:  # anything else after the request may have left: outcome unknown, the worst case stays
             self.keep()
 
 
-class _NoHold(Hold):
-    """The hold when no budget applies: shared, so it records nothing."""
-
-    __slots__ = ()
-
-    def sending(self) -> None:
-        return None
-
-    def streamed(self, text: str) -> None:
-        return None
-
-    def fail(self, e: BaseException) -> None:
-        return None
-
-
-NO_HOLD = _NoHold([])
-
-_ABANDONED = (asyncio.CancelledError, GeneratorExit)
+NO_HOLD = Hold([])  # the hold when no budget applies: nothing to book
 
 
 def not_billed(e: BaseException) -> bool:
@@ -488,7 +459,7 @@ def reserve(lm: Any, req: Request, budgets: Sequence[Budget]) -> Hold:
             e.provider, e.model = e.provider or lm.provider or None, e.model or lm.model or None
             e.args = (str(e),)
         raise
-    return Hold(held, lm, req)
+    return Hold(held)
 
 
 class _NoGuard:
@@ -514,16 +485,6 @@ def guard(lm: Any, req: Request) -> contextlib.AbstractAsyncContextManager[Hold]
     if not budgets:
         return _NO_GUARD
     return _guard(lm, req, budgets)
-
-
-def billed_so_far(lm: Any, req: Request, hold: Hold) -> int | None:
-    """What a provider can have billed for a stream cut short by the caller: the prompt estimate plus
-    one token per streamed output byte (text, reasoning, tool-call arguments), at list price; None
-    when unknown (self-priced or unpriced)."""
-    if getattr(lm, "worst_case_msats", None) is not None:
-        return None
-    completion = hold.streamed_bytes or 0
-    return pricing.cost_msats(lm.provider, lm.model, estimate_prompt_tokens(req), completion)
 
 
 @contextlib.asynccontextmanager

@@ -22,7 +22,7 @@ from .errors import ConfigurationError, DsrsError, ResponseFormatError
 from .providers.base import Backend, Secret
 from .retry import RetryPolicy
 from .settings import current
-from .types import Completion, Message, Request, StreamEnd, Tool
+from .types import Completion, Message, Request, StreamEnd
 
 Input = str | Message | dict[str, Any] | Sequence[Message | dict[str, Any]]
 log = logging.getLogger("dsrs.lm")
@@ -191,6 +191,12 @@ class BaseLM:
         o = self._opts if not overrides else {**self._opts, **overrides}
         tools = o.get("tools") or ()
         stop = o.get("stop") or ()
+        choice, rf = o.get("tool_choice"), o.get("response_format")
+        if tools or choice is not None or rf is not None:  # any common spelling, normalised once (or refused)
+            from .providers import convert
+
+            tools = tuple(convert.tool(t) for t in tools)
+            choice, rf = convert.normal_tool_choice(choice), convert.response_format(rf)
         return Request(
             model=self.model,
             messages=to_messages(prompt),
@@ -200,9 +206,9 @@ class BaseLM:
             seed=o.get("seed"),
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
             num_ctx=o.get("num_ctx"),
-            tools=tuple(t if isinstance(t, Tool) else Tool(**t) for t in tools),
-            tool_choice=o.get("tool_choice"),
-            response_format=o.get("response_format"),
+            tools=tools,
+            tool_choice=choice,
+            response_format=rf,
             extra=o.get("extra") or {},
         )
 
@@ -333,17 +339,13 @@ class BaseLM:
     async def _open_stream(self, req: Request, budgets: tuple[Any, ...]) -> tuple[Any, Hold, Any]:
         """One try at a stream: reserve, send, wait for the first item. (agen, hold, first item)."""
         hold = reserve(self, req, budgets) if budgets else NO_HOLD
-        hold.sending()  # nothing sent yet means nothing reserved: no await between reserve and here
         agen = self.backend.stream(req).__aiter__()
         try:
             return agen, hold, await agen.__anext__()
         except BaseException as e:
             err = self._failed(_ended(e))
             hold.fail(err)
-            try:
-                await agen.aclose()
-            except Exception:  # a broken stream may fail to close: its first error is the one to tell
-                pass
+            await _close(agen)
             if err is e:
                 raise
             raise err from e
@@ -352,8 +354,6 @@ class BaseLM:
         """Text deltas as they arrive, then one `StreamEnd` holding the completion and usage.
 
         Failures before the first delta are retried like any call; after it they propagate.
-        A backend may also yield `int` byte counts of billed output it does not show (reasoning,
-        tool-call arguments): they count for an abandoned stream's cost and are not passed on.
         """
         req = self.request(prompt, **overrides)
         started = time.perf_counter()
@@ -373,38 +373,36 @@ class BaseLM:
                 self._failed(e2)
                 raise
         try:
-            while True:
-                if isinstance(item, Completion):
-                    c = self._priced(item)
-                    hold.settle(c.usage)
-                    c = self._finish(c, started)
-                    if key is not None:
-                        cache.put(key, c)  # type: ignore[union-attr]
-                    yield StreamEnd(c)
-                    return
-                if isinstance(item, int):
-                    hold.streamed_bytes = (hold.streamed_bytes or 0) + item
-                else:
-                    hold.streamed(item)
-                    yield item
+            while not isinstance(item, Completion):
+                yield item
                 item = await agen.__anext__()
-        except BaseException as e:
+            c = self._priced(item)
+            hold.settle(c.usage)
+        except BaseException as e:  # an abandoned stream (GeneratorExit, cancellation) included
             err = self._failed(_ended(e))
             hold.fail(err)
+            await _close(agen)
             if err is e:
                 raise
             raise err from e
-        finally:
-            try:
-                await agen.aclose()
-            except Exception:
-                pass
+        await _close(agen)
+        c = self._finish(c, started)
+        if key is not None:
+            cache.put(key, c)  # type: ignore[union-attr]
+        yield StreamEnd(c)
 
     def stream(self, prompt: Input, **overrides: Any) -> Iterator[str | StreamEnd]:
         return _sync.iterate(self.astream(prompt, **overrides))
 
 
 _DEFAULT_RETRY = RetryPolicy()
+
+
+async def _close(agen: Any) -> None:
+    try:
+        await agen.aclose()
+    except Exception:  # a broken stream may fail to close: its first error is the one to tell
+        pass
 
 
 def _ended(e: BaseException) -> BaseException:

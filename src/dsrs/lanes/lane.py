@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import budget as budgets
 from ..errors import ConfigurationError, DsrsError
-from ..types import Request
+from ..lm import BaseLM, Input, to_messages
+from ..types import Completion, Request, StreamEnd
 from .circuit import CircuitBreaker
 
 # Hints a lane may carry (each overrides what the LM itself says).
@@ -65,6 +66,8 @@ class Lane:
         self.max_retries: int = policy().max_retries if policy and not self.nested else 0
         with_retries = getattr(self.lm, "with_retries", None)
         self.call_lm = with_retries(0) if with_retries and not self.nested else self.lm
+        if not self.nested and not isinstance(self.lm, BaseLM):
+            self.call_lm = Budgeted(self.call_lm)  # an LM of the user's own: the lane books its budgets
 
 
     # -- what the lane can do ---------------------------------------------------------------
@@ -137,3 +140,70 @@ def typical_tokens(req: Request) -> int:
     """A typical (not worst-case) prompt size: ~4 UTF-8 bytes per token, for context-window fits."""
     size = sum(len(m.content.encode("utf-8")) for m in req.messages)
     return math.ceil(size / 4) + 4 * len(req.messages)
+
+
+_REQUEST_OPTIONS = ("max_tokens", "temperature", "top_p", "seed", "stop", "num_ctx", "tools", "tool_choice",
+                    "response_format", "extra")  # fmt: skip
+
+
+class Budgeted:
+    """A lane's LM of the user's own (anything with `acall`/`astream` that is not a dsrs `BaseLM`, which
+    books its budgets itself): every budget that applies is reserved around each call by the same
+    rules as any LM's (`dsrs.budget`), from the worst case of its `provider`/`model` (or its own
+    `worst_case_msats(req)`), and settled to the answer's `usage.cost_msats` (unknown: the worst case
+    is kept). An LM whose price is unknown is refused by a hard budget unless it allows unpriced calls."""
+
+    def __init__(self, lm: Any) -> None:
+        self.lm = lm
+        self.provider: str = getattr(lm, "provider", "") or ""
+        self.model: str = getattr(lm, "model", "") or ""
+        own = getattr(lm, "worst_case_msats", None)
+        if own is not None:
+            self.worst_case_msats = own
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lm, name)
+
+    def __repr__(self) -> str:
+        return f"Budgeted({self.lm!r})"
+
+    def request(self, prompt: Input, **opts: Any) -> Request:
+        own = getattr(self.lm, "request", None)
+        if callable(own):
+            return own(prompt, **opts)  # type: ignore[no-any-return]
+        fields = {k: v for k, v in opts.items() if k in _REQUEST_OPTIONS}
+        stop = fields.get("stop")
+        if isinstance(stop, str):
+            fields["stop"] = (stop,)
+        return Request(self.model, to_messages(prompt), **fields)
+
+    def _hold(self, prompt: Input, opts: dict[str, Any]) -> budgets.Hold:
+        found = budgets.applicable(self.lm)
+        return budgets.reserve(self, self.request(prompt, **opts), found) if found else budgets.NO_HOLD
+
+    async def acall(self, prompt: Input, **opts: Any) -> Completion:
+        hold = self._hold(prompt, opts)
+        try:
+            c = await self.lm.acall(prompt, **opts)
+        except BaseException as e:
+            hold.fail(e)
+            raise
+        hold.settle(getattr(c, "usage", None))
+        return c  # type: ignore[no-any-return]
+
+    async def astream(self, prompt: Input, **opts: Any) -> AsyncIterator[Any]:
+        hold = self._hold(prompt, opts)
+        agen = self.lm.astream(prompt, **opts)
+        try:
+            async for item in agen:
+                if isinstance(item, StreamEnd):
+                    hold.settle(item.usage)
+                yield item
+        except BaseException as e:
+            hold.fail(e)
+            raise
+        finally:
+            hold.keep()  # no-op once settled; a stream that ended without its usage keeps the worst case
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                await aclose()
