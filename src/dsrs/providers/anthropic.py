@@ -123,7 +123,7 @@ class Client(HttpBackend):
     async def complete(self, req: Request) -> Completion:
         self.check(req)
         payload = await http.post_json(self._ep, encode(req, False, self.service.name))
-        return decode(payload, self.service.name, self.model)
+        return http.checked(decode(payload, self.service.name, self.model))
 
     async def stream(self, req: Request) -> AsyncIterator[str | Completion]:
         self.check(req)
@@ -144,14 +144,16 @@ class Client(HttpBackend):
                 block = dict(ev.get("content_block") or {})
                 block["json"] = ""
                 blocks[ev.get("index", len(blocks))] = block
-                if block.get("type") == "text" and block.get("text"):
-                    parts.append(block["text"])
-                    yield block["text"]
+                text = http.delta(block.get("text"), name, model) if block.get("type") == "text" else ""
+                if text:
+                    parts.append(text)
+                    yield text
             elif kind == "content_block_delta":
                 delta = ev.get("delta") or {}
-                if delta.get("type") == "text_delta" and delta.get("text"):
-                    parts.append(delta["text"])
-                    yield delta["text"]
+                text = http.delta(delta.get("text"), name, model) if delta.get("type") == "text_delta" else ""
+                if text:
+                    parts.append(text)
+                    yield text
                 elif delta.get("type") in ("thinking_delta", "signature_delta"):
                     key = delta["type"].removesuffix("_delta")
                     block = blocks.setdefault(ev.get("index", 0), {"type": "thinking", "json": ""})
@@ -167,8 +169,8 @@ class Client(HttpBackend):
                               for _, b in sorted(blocks.items()) if b.get("type") == "tool_use")  # fmt: skip
                 thinking = convert.reasoning(name, [{k: v for k, v in b.items() if k != "json"}
                                                     for _, b in sorted(blocks.items()) if b.get("type") in _THINKING])
-                yield Completion("".join(parts), usage(u), calls, _FINISH.get(stop_reason or "", "unknown"),  # type: ignore[arg-type]
-                                 message.get("model") or model, name, message.get("id"), reasoning=thinking)  # fmt: skip
+                yield http.checked(Completion("".join(parts), usage(u), calls, _FINISH.get(stop_reason or "", "unknown"),  # type: ignore[arg-type]
+                                 message.get("model") or model, name, message.get("id"), reasoning=thinking))  # fmt: skip
                 return
             elif kind == "error":
                 raise errors.from_response(502, ev, provider=name, model=model)

@@ -93,7 +93,7 @@ class Client(HttpBackend):
     async def complete(self, req: Request) -> Completion:
         self.check(req)
         payload = await http.post_json(self._ep, encode(req, False, self.service.name))
-        return decode(payload, self.service.name, self.model)
+        return http.checked(decode(payload, self.service.name, self.model))
 
     async def stream(self, req: Request) -> AsyncIterator[str | Completion]:
         self.check(req)
@@ -125,8 +125,8 @@ class Client(HttpBackend):
                 end = ev.get("delta") or {}
                 tool_calls = tuple(convert.tool_call(c["id"], c["name"], c["arguments"])
                                    for _, c in sorted(calls.items()))  # fmt: skip
-                yield Completion("".join(parts), usage(end.get("usage")), tool_calls,
-                                 _FINISH.get(end.get("finish_reason") or "", "unknown"), model, name, rid)  # type: ignore[arg-type]
+                yield http.checked(Completion("".join(parts), usage(end.get("usage")), tool_calls,
+                                 _FINISH.get(end.get("finish_reason") or "", "unknown"), model, name, rid))  # type: ignore[arg-type]
                 return
             elif kind == "error" or "error" in ev:
                 raise errors.from_response(502, ev, provider=name, model=model)

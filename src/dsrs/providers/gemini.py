@@ -147,7 +147,7 @@ class _Acc:
         new = []
         for part in (cand.get("content") or {}).get("parts") or ():
             if "text" in part and not part.get("thought"):
-                new.append(part["text"])
+                new.append(http.delta(part["text"], self.provider, self.model))
             elif "functionCall" in part:
                 fc = part["functionCall"]
                 cid = fc.get("id") or f"{_SYNTH}{len(self.calls)}"
@@ -184,7 +184,7 @@ class Client(HttpBackend):
         acc.add(payload)
         if acc.finish is None and not acc.text and not acc.calls:
             raise convert.malformed(payload, "a Gemini response", self.service.name, self.model)
-        return acc.completion(payload)
+        return http.checked(acc.completion(payload))
 
     async def stream(self, req: Request) -> AsyncIterator[str | Completion]:
         self.check(req)
@@ -195,4 +195,4 @@ class Client(HttpBackend):
                 yield text
         if acc.finish is None:
             raise convert.stream_cut(self.service.name, self.model)
-        yield acc.completion()
+        yield http.checked(acc.completion())

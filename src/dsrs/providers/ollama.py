@@ -95,8 +95,8 @@ class Client(HttpBackend):
                 raise self._error(p)
             raise convert.malformed(p, "an Ollama chat response", self.service.name, self.model)
         calls = _calls(p["message"])
-        return Completion(p["message"].get("content") or "", usage(p), tuple(calls), _finish(p, calls),  # type: ignore[arg-type]
-                          p.get("model") or self.model, self.service.name, raw=p)  # fmt: skip
+        return http.checked(Completion(p["message"].get("content") or "", usage(p), tuple(calls), _finish(p, calls),  # type: ignore[arg-type]
+                          p.get("model") or self.model, self.service.name, raw=p))  # fmt: skip
 
     async def stream(self, req: Request) -> AsyncIterator[str | Completion]:
         self.check(req)
@@ -106,17 +106,18 @@ class Client(HttpBackend):
         async for line in http.stream_lines(self._ep, encode(req, True, name)):
             if not line.strip():
                 continue
-            chunk = convert.chunk(line.decode("utf-8"), name, self.model)
+            chunk = convert.chunk(line.decode("utf-8", "replace"), name, self.model)
             if "error" in chunk:
                 raise self._error(chunk)
             msg = chunk.get("message") or {}
-            if msg.get("content"):
-                parts.append(msg["content"])
-                yield msg["content"]
+            text = http.delta(msg.get("content"), name, self.model)
+            if text:
+                parts.append(text)
+                yield text
             calls += _calls(msg, len(calls))
             if chunk.get("done"):
-                yield Completion("".join(parts), usage(chunk), tuple(calls), _finish(chunk, calls),  # type: ignore[arg-type]
-                                 chunk.get("model") or self.model, name)  # fmt: skip
+                yield http.checked(Completion("".join(parts), usage(chunk), tuple(calls), _finish(chunk, calls),  # type: ignore[arg-type]
+                                 chunk.get("model") or self.model, name))  # fmt: skip
                 return
         raise convert.stream_cut(name, self.model)
 

@@ -119,7 +119,7 @@ class Client(HttpBackend):
     async def complete(self, req: Request) -> Completion:
         self.check(req)
         payload = await http.post_json(self._ep, encode(req, self.service.quirks, False))
-        return decode(payload, self.service.name, self.model)
+        return http.checked(decode(payload, self.service.name, self.model))
 
     async def stream(self, req: Request) -> AsyncIterator[str | Completion]:
         self.check(req)
@@ -149,7 +149,7 @@ class Client(HttpBackend):
                 u = chunk["usage"]
             for choice in chunk.get("choices") or ():
                 delta = choice.get("delta") or {}
-                text = delta.get("content")
+                text = http.delta(delta.get("content"), self.service.name, self.model)
                 if text:
                     parts.append(text)
                     yield text
@@ -167,4 +167,4 @@ class Client(HttpBackend):
                 "the stream ended before it finished", provider=self.service.name, model=self.model
             )
         tool_calls = tuple(_tool_call(calls[i]) for i in sorted(calls))
-        yield Completion("".join(parts), usage(u), tool_calls, finish, model, self.service.name, rid)  # type: ignore[arg-type]
+        yield http.checked(Completion("".join(parts), usage(u), tool_calls, finish, model, self.service.name, rid))  # type: ignore[arg-type]

@@ -142,7 +142,7 @@ class Client(HttpBackend):
     async def complete(self, req: Request) -> Completion:
         self.check(req)
         payload = await http.post_json(self._ep, encode(req, False, self.service.name))
-        return decode(payload, self.service.name, self.model)
+        return http.checked(decode(payload, self.service.name, self.model))
 
     async def stream(self, req: Request) -> AsyncIterator[str | Completion]:
         self.check(req)
@@ -156,7 +156,7 @@ class Client(HttpBackend):
             ev = convert.chunk(data, name, model)
             kind = ev.get("type")
             if kind == "response.output_text.delta":
-                delta = ev.get("delta") or ""
+                delta = http.delta(ev.get("delta"), name, model)
                 if delta:
                     parts.append(delta)
                     yield delta
@@ -167,9 +167,9 @@ class Client(HttpBackend):
                 calls = _calls(items) or _calls(resp.get("output") or [])
                 refused = any(p.get("type") == "refusal" for i in items for p in i.get("content") or ())
                 thinking = _reasoning(items, name) or _reasoning(resp.get("output") or [], name)
-                yield Completion("".join(parts), usage(resp.get("usage")), calls,
+                yield http.checked(Completion("".join(parts), usage(resp.get("usage")), calls,
                                  _finish(resp, calls, refused), resp.get("model") or model, name,  # type: ignore[arg-type]
-                                 resp.get("id"), raw=resp, reasoning=thinking)  # fmt: skip
+                                 resp.get("id"), raw=resp, reasoning=thinking))  # fmt: skip
                 return
             elif kind == "response.failed":
                 raise _failed(ev.get("response") or {}, name, model)
