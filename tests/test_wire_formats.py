@@ -143,3 +143,100 @@ async def test_mistral_stream_sends_no_stream_options_and_reads_usage_from_last_
     assert scripted.requests[0].json == {"model": "mistral-small-latest", "stream": True,
                                          "messages": [{"role": "user", "content": "Say hello in French"}]}
     assert (out[-1].usage.prompt_tokens, out[-1].usage.completion_tokens) == (7, 2)
+
+
+# -- Gemini: thought signatures, made-up call ids ------------------------------------------------
+GM_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+            {"type": "function", "function": {"name": "get_time", "description": "Local time in a city",
+                                              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
+
+
+def _gm(parts, finish="STOP"):
+    return {"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": finish, "index": 0}],
+            "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 3, "totalTokenCount": 13},
+            "modelVersion": "gemini-3-pro-preview", "responseId": "r1"}  # fmt: skip
+
+
+def _fc(name, **sig):
+    return {"functionCall": {"name": name, "args": {"city": "Paris"}}, **sig}
+
+
+async def _gemini_loop(scripted, fake_retry, streamed):
+    first = _gm([_fc("get_weather", thoughtSignature="SIG_A")])
+    second = _gm([_fc("get_time", thoughtSignature="SIG_B")])
+    final = _gm([{"text": "18 C, 14:00"}, {"text": "", "thoughtSignature": "SIG_C"}])
+    replies = [Reply(sse=[r]) for r in (first, second, final)] if streamed else [Reply(json=r) for r in (first, second, final)]
+    scripted.script(*replies, Reply(json=_gm([{"text": "ok"}])))
+    lm = LM("gemini/gemini-3-pro-preview", base_url=scripted.url + "/v1beta", api_key=KEY, retry_policy=fake_retry,
+            tools=GM_TOOLS)  # fmt: skip
+
+    async def call(msgs):
+        if streamed:
+            return [x async for x in lm.astream(msgs)][-1].completion
+        return await lm.acall(msgs)
+
+    msgs = [dsrs.Message.user("Weather and time in Paris?")]
+    for result in ('{"temp_c": 18}', '{"time": "14:00"}'):
+        c = await call(msgs)
+        msgs += [dsrs.Message.from_completion(c), dsrs.Message.tool(c.tool_calls[0].id, result)]
+    c = await call(msgs)
+    assert c.text == "18 C, 14:00" and c.finish_reason == "stop"
+    msgs += [dsrs.Message.from_completion(c), dsrs.Message.user("Thanks")]
+    await lm.acall(msgs)
+    ids = [m.tool_calls[0].id for m in msgs if m.tool_calls]
+    assert len(set(ids)) == 2 and all(i.startswith("gemini-call-") for i in ids)
+    assert scripted.requests[3].json["contents"] == [
+        {"role": "user", "parts": [{"text": "Weather and time in Paris?"}]},
+        {"role": "model", "parts": [_fc("get_weather", thoughtSignature="SIG_A")]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp_c": 18}}}]},
+        {"role": "model", "parts": [_fc("get_time", thoughtSignature="SIG_B")]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "get_time", "response": {"time": "14:00"}}}]},
+        {"role": "model", "parts": [{"text": "18 C, 14:00", "thoughtSignature": "SIG_C"}]},
+        {"role": "user", "parts": [{"text": "Thanks"}]}]  # fmt: skip
+    assert "SIG_" not in repr(c)
+
+
+async def test_gemini_thought_signatures_go_back_and_results_keep_their_function(scripted, fake_retry):
+    await _gemini_loop(scripted, fake_retry, streamed=False)
+
+
+async def test_gemini_streamed_thought_signatures_go_back(scripted, fake_retry):
+    await _gemini_loop(scripted, fake_retry, streamed=True)
+
+
+async def test_gemini_parallel_calls_keep_the_signature_on_the_first_part(scripted, fake_retry):
+    scripted.script(Reply(json=_gm([_fc("get_weather", thoughtSignature="SIG_P"), _fc("get_time")])),
+                    Reply(json=_gm([{"text": "done"}])))  # fmt: skip
+    lm = LM("gemini/gemini-3-pro-preview", base_url=scripted.url + "/v1beta", api_key=KEY, retry_policy=fake_retry,
+            tools=GM_TOOLS)  # fmt: skip
+    c = await lm.acall("Weather and time in Paris?")
+    a, b = c.tool_calls
+    await lm.acall([dsrs.Message.user("Weather and time in Paris?"), dsrs.Message.from_completion(c), dsrs.Message.tool(b.id, '"14:00"'),
+                    dsrs.Message.tool(a.id, '"18 C"')])  # fmt: skip
+    assert scripted.requests[1].json["contents"][1:] == [
+        {"role": "model", "parts": [_fc("get_weather", thoughtSignature="SIG_P"), _fc("get_time")]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "get_time", "response": {"result": "14:00"}}},
+                                   {"functionResponse": {"name": "get_weather", "response": {"result": "18 C"}}}]}]  # fmt: skip
+
+
+# -- Ollama: made-up call ids, results under the right function ----------------------------------
+async def test_ollama_results_go_back_under_their_own_function(scripted, fake_retry):
+    def reply(name):
+        return Reply(json={"model": "llama3.2", "created_at": "2025-01-01T00:00:00Z", "done": True,
+                           "done_reason": "stop", "prompt_eval_count": 9, "eval_count": 3,
+                           "message": {"role": "assistant", "content": "",
+                                       "tool_calls": [{"function": {"name": name, "arguments": {"city": "Paris"}}}]}})  # fmt: skip
+
+    scripted.script(reply("get_weather"), reply("get_time"), Reply(json={
+        "model": "llama3.2", "done": True, "done_reason": "stop", "message": {"role": "assistant", "content": "ok"}}))
+    lm = LM("ollama/llama3.2", base_url=scripted.url, retry_policy=fake_retry, tools=GM_TOOLS)
+    msgs = [dsrs.Message.user("Weather and time in Paris?")]
+    for result in ("18 C", "14:00"):
+        c = await lm.acall(msgs)
+        msgs += [dsrs.Message.from_completion(c), dsrs.Message.tool(c.tool_calls[0].id, result)]
+    await lm.acall(msgs)
+    sent = scripted.requests[2].json["messages"]
+    assert [(m["role"], m.get("tool_name")) for m in sent] == [
+        ("user", None), ("assistant", None), ("tool", "get_weather"), ("assistant", None), ("tool", "get_time")]
+    assert msgs[1].tool_calls[0].id != msgs[3].tool_calls[0].id
