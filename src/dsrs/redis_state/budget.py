@@ -233,8 +233,18 @@ class RedisBudget(Budget):
             raw = self.state.call(lambda: self.state.client.hgetall(self._keys[0]))
         except (_Lost, *self.state.errors):
             return dict(self._last)
+        epoch = raw.get("epoch")
+        if raw.get("lost") or (self._epoch and epoch != self._epoch and raw.get("restored") != epoch):
+            with self._sync_lock:  # not the books this client knew: the next booking script says why
+                self._lost = self._lost or raw.get("lost") or "the books in Redis are not the ones this process knew"
+            return dict(self._last)
         self._last = {f: int(raw.get(f, 0)) for f in _FIELDS}
         return dict(self._last)
+
+    @property
+    def lost(self) -> str | None:
+        """Why the books in Redis are not trusted (lost in a restart, see the module notes), else None."""
+        return self._lost
 
     @property
     def spent_msats(self) -> int:
