@@ -6,6 +6,12 @@ Roles are `user` and `model`; system messages go to `systemInstruction`; tools a
 when Gemini gave one). Structured output is `responseMimeType` + `responseJsonSchema`.
 A prompt or answer blocked for safety raises `SafetyBlockedError`. Thought parts are not text;
 `thoughtsTokenCount` counts as completion (and reasoning) tokens.
+
+Thought signatures (Gemini 2.5/3): a `thoughtSignature` on a part must go back in that same part
+next turn (Gemini 3 refuses a function-calling turn without it). They ride in
+`Completion.reasoning` as {"thoughtSignature": ..., "call": <our call id>} for a `functionCall`
+part, or {"thoughtSignature": ...} for a text part, and are put back where they came from.
+Call ids Gemini did not give are made up (unique, never sent back).
 """
 
 from __future__ import annotations
@@ -32,9 +38,8 @@ def _result(content: str) -> dict[str, Any]:
     return v if isinstance(v, dict) else {"result": v}
 
 
-def _parts(m: Message, names: dict[str, str]) -> list[dict[str, Any]]:
+def _parts(m: Message, name: str | None, provider: str) -> list[dict[str, Any]]:
     if m.role == "tool":
-        name = names.get(m.tool_call_id or "") or m.name
         if not name:
             raise errors.ConfigurationError(
                 f"Gemini needs the tool name of the result for call {m.tool_call_id!r}",
@@ -44,23 +49,31 @@ def _parts(m: Message, names: dict[str, str]) -> list[dict[str, Any]]:
         if m.tool_call_id and not m.tool_call_id.startswith(_SYNTH):
             fr["id"] = m.tool_call_id
         return [{"functionResponse": fr}]
-    parts: list[dict[str, Any]] = [{"text": m.content}] if m.content or not m.tool_calls else []
+    sigs = convert.own_reasoning(m, provider) if m.role == "assistant" else []
+    by_call = {b.get("call"): b["thoughtSignature"] for b in sigs if b.get("thoughtSignature")}
+    text_sig = by_call.pop(None, None)
+    parts: list[dict[str, Any]] = [{"text": m.content}] if m.content or not m.tool_calls or text_sig else []
+    if text_sig:
+        parts[0]["thoughtSignature"] = text_sig
     for t in m.tool_calls:
         fc: dict[str, Any] = {"name": t.name, "args": t.arguments}
         if t.id and not t.id.startswith(_SYNTH):
             fc["id"] = t.id
-        parts.append({"functionCall": fc})
+        part: dict[str, Any] = {"functionCall": fc}
+        if t.id in by_call:
+            part["thoughtSignature"] = by_call[t.id]
+        parts.append(part)
     return parts
 
 
-def _contents(req: Request) -> list[dict[str, Any]]:
+def _contents(req: Request, provider: str) -> list[dict[str, Any]]:
     names = convert.tool_names(req.messages)
     out: list[dict[str, Any]] = []
     prev = None
-    for m in req.messages:
+    for m, name in zip(req.messages, names):
         if m.role == "system":
             continue
-        parts = _parts(m, names)
+        parts = _parts(m, name, provider)
         if m.role == "tool" and prev == "tool":  # results of parallel calls share one turn
             out[-1]["parts"] += parts
         else:
@@ -69,8 +82,8 @@ def _contents(req: Request) -> list[dict[str, Any]]:
     return out
 
 
-def encode(req: Request) -> dict[str, Any]:
-    body: dict[str, Any] = {"contents": _contents(req)}
+def encode(req: Request, provider: str = "gemini") -> dict[str, Any]:
+    body: dict[str, Any] = {"contents": _contents(req, provider)}
     system = convert.system_text(req.messages)
     if system is not None:
         body["systemInstruction"] = {"parts": [{"text": system}]}
@@ -127,6 +140,7 @@ class _Acc:
         self.usage: dict[str, Any] | None = None
         self.model_version: str | None = None
         self.id: str | None = None
+        self.signatures: list[dict[str, Any]] = []  # thoughtSignature blocks, see the module doc
 
     def add(self, chunk: Any) -> str:
         """Take one chunk; return its new text."""
@@ -146,12 +160,18 @@ class _Acc:
         cand = cands[0]
         new = []
         for part in (cand.get("content") or {}).get("parts") or ():
+            sig = part.get("thoughtSignature")
+            if "functionCall" in part:
+                fc = part["functionCall"]
+                cid = fc.get("id") or convert.synthetic_id(_SYNTH)
+                self.calls.append(convert.tool_call(cid, fc.get("name", ""), fc.get("args") or {}))
+                if sig:
+                    self.signatures.append({"thoughtSignature": sig, "call": cid})
+                continue
+            if sig:  # on a text (or empty) part: one per answer, the last one wins
+                self.signatures = [b for b in self.signatures if "call" in b] + [{"thoughtSignature": sig}]
             if "text" in part and not part.get("thought"):
                 new.append(http.delta(part["text"], self.provider, self.model))
-            elif "functionCall" in part:
-                fc = part["functionCall"]
-                cid = fc.get("id") or f"{_SYNTH}{len(self.calls)}"
-                self.calls.append(convert.tool_call(cid, fc.get("name", ""), fc.get("args") or {}))
         self.text += new
         if cand.get("finishReason"):
             self.finish = cand["finishReason"]
@@ -167,7 +187,8 @@ class _Acc:
         else:
             finish = _FINISH.get(self.finish or "", "unknown")
         return Completion("".join(self.text), usage(self.usage), tuple(self.calls), finish,  # type: ignore[arg-type]
-                          self.model_version or self.model, self.provider, self.id, raw=raw)  # fmt: skip
+                          self.model_version or self.model, self.provider, self.id, raw=raw,
+                          reasoning=convert.reasoning(self.provider, self.signatures))  # fmt: skip
 
 
 class Client(HttpBackend):
@@ -179,7 +200,7 @@ class Client(HttpBackend):
 
     async def complete(self, req: Request) -> Completion:
         self.check(req)
-        payload = await http.post_json(self._ep, encode(req))
+        payload = await http.post_json(self._ep, encode(req, self.service.name))
         acc = _Acc(self.service.name, self.model)
         acc.add(payload)
         if acc.finish is None and not acc.text and not acc.calls:
@@ -189,7 +210,7 @@ class Client(HttpBackend):
     async def stream(self, req: Request) -> AsyncIterator[str | Completion]:
         self.check(req)
         acc = _Acc(self.service.name, self.model)
-        async for _event, data in http.sse_events(self._sse, encode(req)):
+        async for _event, data in http.sse_events(self._sse, encode(req, self.service.name)):
             text = acc.add(convert.chunk(data, self.service.name, self.model))
             if text:
                 yield text

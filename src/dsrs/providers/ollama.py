@@ -20,22 +20,20 @@ from .services import SERVICES
 _FINISH = {"stop": "stop", "length": "length"}
 
 
-def _message(m: Message, names: dict[str, str]) -> dict[str, Any]:
+def _message(m: Message, name: str | None) -> dict[str, Any]:
     d: dict[str, Any] = {"role": m.role}
     if m.content or not m.tool_calls:  # as the official client: no empty content beside tool calls
         d["content"] = m.content
     if m.tool_calls:
         d["tool_calls"] = [{"function": {"name": t.name, "arguments": t.arguments}} for t in m.tool_calls]
-    if m.role == "tool":
-        name = names.get(m.tool_call_id or "") or m.name
-        if name:
-            d["tool_name"] = name
+    if m.role == "tool" and name:
+        d["tool_name"] = name
     return d
 
 
 def encode(req: Request, stream: bool, provider: str) -> dict[str, Any]:
     names = convert.tool_names(req.messages)
-    body: dict[str, Any] = {"model": req.model, "messages": [_message(m, names) for m in req.messages],
+    body: dict[str, Any] = {"model": req.model, "messages": [_message(m, n) for m, n in zip(req.messages, names)],
                             "stream": stream}  # fmt: skip
     options: dict[str, Any] = {}
     for key, v in (("num_ctx", req.num_ctx), ("num_predict", req.max_tokens), ("temperature", req.temperature),
@@ -65,11 +63,12 @@ def usage(final: dict[str, Any]) -> LmUsage:
     return LmUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, cost_msats=None, calls=1)
 
 
-def _calls(msg: dict[str, Any], start: int = 0) -> list[ToolCall]:
+def _calls(msg: dict[str, Any]) -> list[ToolCall]:
     out = []
-    for i, tc in enumerate(msg.get("tool_calls") or (), start):
+    for tc in msg.get("tool_calls") or ():
         fn = tc.get("function") or {}
-        out.append(convert.tool_call(tc.get("id") or f"call_{i}", fn.get("name", ""), fn.get("arguments")))
+        cid = tc.get("id") or convert.synthetic_id("ollama-call-")  # older servers give none
+        out.append(convert.tool_call(cid, fn.get("name", ""), fn.get("arguments")))
     return out
 
 
@@ -114,7 +113,7 @@ class Client(HttpBackend):
             if text:
                 parts.append(text)
                 yield text
-            calls += _calls(msg, len(calls))
+            calls += _calls(msg)
             if chunk.get("done"):
                 yield http.checked(Completion("".join(parts), usage(chunk), tuple(calls), _finish(chunk, calls),  # type: ignore[arg-type]
                                  chunk.get("model") or self.model, name))  # fmt: skip

@@ -50,7 +50,7 @@ def encode(req: Request, quirks: frozenset[str], stream: bool, stream_usage: boo
             for t in req.tools
         ]
     if req.tool_choice is not None:
-        body["tool_choice"] = req.tool_choice
+        body["tool_choice"] = convert.normal_tool_choice(req.tool_choice)
     if req.response_format is not None:
         body["response_format"] = req.response_format
     if stream:
