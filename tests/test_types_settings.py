@@ -98,9 +98,9 @@ def test_lm_repr_is_informative():
 
 
 def test_anthropic_cache_writes_cost_more_than_input():
-    # claude-sonnet-4-5: 3 USD/M input, 3.75 USD/M cache writes, 0.30 USD/M cache reads
-    assert pricing.cost_msats("anthropic", "claude-sonnet-4-5", 1_000_000, 0, cache_write=1_000_000) == 3_750_000
-    assert pricing.cost_msats("anthropic", "claude-sonnet-4-5", 2_000_000, 0, cached=1_000_000) == 3_300_000
+    # claude-sonnet-4-5: 3 USD/M input, 3.75 USD/M cache writes, 0.30 USD/M cache reads (prompts up to 200k)
+    assert pricing.cost_msats("anthropic", "claude-sonnet-4-5", 100_000, 0, cache_write=100_000) == 375_000
+    assert pricing.cost_msats("anthropic", "claude-sonnet-4-5", 200_000, 0, cached=100_000) == 330_000
     u = LmUsage(10, 0, 10, cache_write_tokens=4, calls=1) + LmUsage(10, 0, 10, cache_write_tokens=1, calls=1)
     assert u.cache_write_tokens == 5
 

@@ -9,7 +9,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from decimal import Decimal
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -141,19 +144,35 @@ _REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(Request))
 
 @dataclass(slots=True)
 class LmUsage:
-    """Tokens and cost of one or many calls. `a + b` and `sum(usages, LmUsage())` are exact."""
+    """Tokens and cost of one or many calls. `a + b` and `sum(usages, LmUsage())` are exact.
+
+    `prompt_tokens` counts every input token billed: `cached_tokens` (cache reads) and
+    `cache_write_tokens` (cache writes, of which `cache_write_1h_tokens` were written for an hour)
+    are parts of it. `completion_tokens` counts every output token billed: `reasoning_tokens` are
+    part of it, also for providers that report them apart (xAI, Gemini thoughts).
+    """
 
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # every billed output token, reasoning included
     total_tokens: int = 0
     cached_tokens: int = 0
-    reasoning_tokens: int = 0
+    reasoning_tokens: int = 0  # part of completion_tokens
     cost_msats: int | None = 0
     cost_source: CostSource | None = None
     cache_hit: bool = False
     estimated: bool = False  # token counts were estimated, not reported
     calls: int = 0
     cache_write_tokens: int = 0  # prompt tokens written to the provider's cache (Anthropic prices them higher)
+    cache_write_1h_tokens: int = 0  # the part of cache_write_tokens written for 1 hour (Anthropic: 2x input)
+
+    @property
+    def cost_usd(self) -> Decimal | None:
+        """`cost_msats` in USD at the current exchange rate (`dsrs.pricing.msats_per_usd`)."""
+        if self.cost_msats is None:
+            return None
+        from .pricing import usd
+
+        return usd(self.cost_msats)
 
     def __add__(self, other: LmUsage) -> LmUsage:
         if not isinstance(other, LmUsage):
@@ -177,6 +196,7 @@ class LmUsage:
             self.estimated or other.estimated,
             self.calls + other.calls,
             self.cache_write_tokens + other.cache_write_tokens,
+            self.cache_write_1h_tokens + other.cache_write_1h_tokens,
         )
 
     __radd__ = __add__
@@ -188,10 +208,13 @@ class LmUsage:
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> LmUsage:
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k in _USAGE_FIELDS}  # a newer writer's extra fields are dropped
         if d.get("cost_source"):
             d["cost_source"] = CostSource(d["cost_source"])
         return LmUsage(**d)
+
+
+_USAGE_FIELDS = frozenset(f.name for f in dataclasses.fields(LmUsage))
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "error", "unknown"]
