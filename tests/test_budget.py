@@ -129,7 +129,7 @@ async def test_provider_error_releases_unknown_outcome_keeps(scripted, fake_retr
 async def test_unpriced_model_with_hard_budget(scripted, fake_retry):
     scripted.script(default=chat_reply())
     lm = lm_for(scripted, fake_retry, "openai/x")
-    with pytest.raises(BudgetExceededError, match="cannot price"):
+    with pytest.raises(BudgetExceededError, match="cannot bound this call.s cost"):
         await lm.with_budget(Budget(10**9)).acall("hi")
     assert scripted.requests == []
     b = Budget(10**9, allow_unpriced=True)

@@ -316,3 +316,24 @@ async def test_end_to_end_against_llama_cpp(llama_server: Any, codex_home: str, 
     assert c.usage.prompt_tokens > 30 and 0 < c.usage.completion_tokens <= llama_server.n_predict
     assert c.items and isinstance(c.items[-1], AgentMessage) and c.items[-1].text == c.text
     print(f"codex+llama.cpp turn: {c.text!r}, usage {c.usage.prompt_tokens}+{c.usage.completion_tokens} tokens")
+
+
+async def test_budgets_refuse_an_unbounded_turn_and_book_what_a_failed_turn_used(
+    lm: CodexSdkLM, server: ResponsesServer, ws: Path
+) -> None:
+    # A turn makes as many model requests as the agent needs: no bound is known before it starts, so
+    # a hard budget refuses it (before the CLI runs) instead of reserving from a max_tokens never sent.
+    server.turns(text("never sent"))
+    with pytest.raises(dsrs.BudgetExceededError) as refused:
+        await lm.with_model("gpt-5-codex").with_budget(dsrs.Budget(10**9)).acall("hi")
+    assert refused.value.code == "unpriced" and server.responses() == []
+    # Allowed unpriced: a turn whose first request was answered (and billed) and whose second failed
+    # books the first request's tokens, read from the thread's rollout file.
+    b = dsrs.Budget(10**9, allow_unpriced=True)
+    server.turns(Turn([exec_command("true")], input_tokens=1000, output_tokens=100), Turn(fail="the model exploded"))
+    with pytest.raises(CodexTurnFailedError) as e:
+        await lm.with_model("gpt-5-codex").with_budget(b).acall("run true")
+    assert len(server.responses()) == 2
+    billed = 1000 * 1.25 + 100 * 10  # gpt-5-codex, USD/Mtok, 1 USD = 1,000,000 msats
+    assert e.value.spent_msats == billed and e.value.usage.prompt_tokens == 1000
+    assert (b.spent_msats, b.reserved_msats, b.open_reservations) == (billed, 0, 0)

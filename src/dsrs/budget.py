@@ -304,7 +304,8 @@ class Budget:
         """The error for a refused reservation: `verdict` "unpriced" or "exceeded" (`left` msats left)."""
         if verdict == "unpriced":
             return BudgetExceededError(
-                f"{self._label()} cannot price this call: the model is not in the price table",
+                f"{self._label()} cannot bound this call's cost: the model is not in the price table, "
+                "or the LM cannot bound a call (a Codex CLI turn makes as many requests as it needs)",
                 limit_msats=self.limit_msats,
                 code="unpriced",
                 hint="use a priced model, set usage pricing, or allow unpriced calls "

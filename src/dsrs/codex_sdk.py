@@ -13,7 +13,9 @@ The model server is the CLI's own configuration (login or `CODEX_API_KEY`), or
 
 Usage: the CLI reports the thread's running total; a turn's usage is that total minus the total
 before the turn (read from the thread's rollout file in CODEX_HOME). Cost comes from the price
-table for the model (`with_model`). Sampling options (temperature, max_tokens...) do not exist
+table for the model (`with_model`). A turn's cost has no bound known in advance (an agent makes
+as many requests as it needs), so hard budgets refuse Codex calls unless they allow unpriced
+calls; a failed or timed-out turn books what its rollout file says it used (`spent_msats`). Sampling options (temperature, max_tokens...) do not exist
 in the CLI and are ignored. Retries are off by default (an agent turn has side effects) and so
 is caching, as for every LM.
 
@@ -150,6 +152,13 @@ class CodexSdkLM(BaseLM):
 
     def _make_backend(self) -> CodexExec:
         return CodexExec(self.model, self._opts)
+
+    def worst_case_msats(self, req: Request) -> int | None:
+        """None: a turn makes as many model requests as the agent needs, with prompts that grow with
+        every command it runs, so no cost bound is known before it starts. A hard budget refuses a
+        Codex call unless it allows unpriced calls (`Budget(..., allow_unpriced=True)`); the turn's
+        actual cost is booked afterwards (a failed turn's too, from its rollout file)."""
+        return None
 
     async def aitems(self, prompt: Input, **overrides: Any) -> AsyncIterator[Item | StreamEnd]:
         """The agent's items as the CLI reports them (a snapshot per `item.started/updated/completed`;
@@ -360,6 +369,22 @@ class CodexExec:
             hint="use {'type': 'json_schema', 'json_schema': {'schema': {...}}}",
         )  # fmt: skip
 
+    def _spent(self, e: errors.DsrsError, home: str, thread_id: str, before: dict[str, int]) -> errors.DsrsError:
+        """A failed turn may have made billed model requests: what its rollout file says they used,
+        priced, goes on the error as `spent_msats` (budgets settle to it; `spent_unknown` when the
+        price is unknown). `e.usage` holds the tokens."""
+        from . import pricing
+
+        usage = turn_usage(thread_total(home, thread_id), before) if thread_id else LmUsage(calls=1, cost_msats=None)
+        if thread_id:
+            usage = pricing.apply(usage, PROVIDER, self.model)
+        e.usage = usage  # type: ignore[attr-defined]
+        if usage.cost_msats is None:
+            e.spent_unknown = True  # type: ignore[attr-defined]
+        else:
+            e.spent_msats = usage.cost_msats  # type: ignore[attr-defined]
+        return e
+
     def _scrub(self, text: str) -> str:
         for s in self.secrets():
             text = text.replace(s, "**********")
@@ -439,10 +464,7 @@ class CodexExec:
                     last_error = ev.get("message")
             rc = await asyncio.wait_for(proc.wait(), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
-            raise errors.TimeoutError(
-                f"the Codex CLI did not finish within {self.timeout:g} s; its processes were stopped",
-                provider=PROVIDER, model=self.model, hint="raise with_timeout(...) or check the model server",
-            ) from None  # fmt: skip
+            rc = None
         finally:
             await _stop(proc, token)
             with contextlib.suppress(Exception):
@@ -451,13 +473,19 @@ class CodexExec:
             if schema_path:
                 with contextlib.suppress(OSError):
                     os.unlink(schema_path)
+        if rc is None:
+            raise self._spent(errors.TimeoutError(
+                f"the Codex CLI did not finish within {self.timeout:g} s; its processes were stopped",
+                provider=PROVIDER, model=self.model, hint="raise with_timeout(...) or check the model server",
+            ), home, thread_id, before)  # fmt: skip
         if failure is not None:
-            raise CodexTurnFailedError(self._scrub(failure), provider=PROVIDER, model=self.model, code="turn.failed")
+            raise self._spent(CodexTurnFailedError(self._scrub(failure), provider=PROVIDER, model=self.model,
+                                                   code="turn.failed"), home, thread_id, before)  # fmt: skip
         if rc != 0 or total is None:
             why = next((s for s in reversed(stderr) if s.startswith("Error")), None) or last_error or (
                 stderr[-1] if stderr else "no turn.completed event")  # fmt: skip
-            raise CodexError(self._scrub(f"the Codex CLI failed: {why}"), provider=PROVIDER, model=self.model,
-                             code=f"exit {rc}")  # fmt: skip
+            raise self._spent(CodexError(self._scrub(f"the Codex CLI failed: {why}"), provider=PROVIDER,
+                                         model=self.model, code=f"exit {rc}"), home, thread_id, before)  # fmt: skip
         items = tuple(done)
         replies = [i for i in items if isinstance(i, AgentMessage)]
         yield Completion(
