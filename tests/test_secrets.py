@@ -36,6 +36,7 @@ async def test_canary_never_leaks(scripted, tmp_path, caplog, fake_retry):
         assert CANARY not in text
     for rec in caplog.records:
         assert CANARY not in rec.getMessage()
+    cache.store.flush()  # type: ignore[attr-defined]  # the cache writes on a background thread
     for f in tmp_path.iterdir():
         assert CANARY.encode() not in f.read_bytes()
 

@@ -197,30 +197,36 @@ class SqliteFile:
 
     def _commit(self, db: sqlite3.Connection | None, gen: int, rows: list[tuple[Any, ...]]) -> tuple[Any, int]:
         try:
-            if self.off or time.monotonic() < self._full_until:
-                self.dropped += len(rows)
-                return db, gen
-            try:
-                if db is None or gen != self._gen:
-                    if db is not None:
-                        db.close()
-                    db, gen = None, self._gen
-                    db = self._connect(self.write_timeout)
-                db.execute("BEGIN IMMEDIATE")
+            for attempt in (1, 2):  # a second time on the new file when the first found it corrupt
+                if self.off or time.monotonic() < self._full_until:
+                    self.dropped += len(rows)
+                    return db, gen
                 try:
-                    for sql, params, _, _ in rows:
-                        db.execute(sql, params)
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-                    raise
-            except Exception as e:  # the writer thread outlives any failure
-                self.dropped += len(rows)
-                self._failed(e, "write", gen)
-                if db is not None and kind(e) in (CORRUPT, UNWRITABLE):
-                    db.close()
-                    db = None
+                    if db is None or gen != self._gen:
+                        if db is not None:
+                            db.close()
+                        db, gen = None, self._gen
+                        db = self._connect(self.write_timeout)
+                    db.execute("BEGIN IMMEDIATE")
+                    try:
+                        for sql, params, _, _ in rows:
+                            db.execute(sql, params)
+                        db.execute("COMMIT")
+                    except BaseException:
+                        if db.in_transaction:
+                            with contextlib.suppress(sqlite3.Error):
+                                db.execute("ROLLBACK")
+                        raise
+                    return db, gen
+                except Exception as e:  # the writer thread outlives any failure
+                    k = kind(e)
+                    self._failed(e, "write", gen)
+                    if db is not None and k in (CORRUPT, UNWRITABLE):
+                        db.close()
+                        db = None
+                    if k != CORRUPT or attempt == 2:
+                        self.dropped += len(rows)
+                        return db, gen
             return db, gen
         finally:
             with self._pending_lock:

@@ -8,6 +8,7 @@ full or unwritable one, or a row that is not a dsrs answer, is a miss, never an 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 
 from . import _sqlite
 from ._sqlite import private_file  # noqa: F401 - kept importable from here
-from .types import Completion, CostSource, Request
+from .types import Completion, CostSource, LmUsage, Request
 
 KEY_VERSION = 1
 log = logging.getLogger("dsrs.cache")
@@ -154,6 +155,9 @@ class Cache:
         self.store.put(key, v)
 
 
+_COUNTS = tuple(f.name for f in dataclasses.fields(LmUsage) if f.type in ("int", int))  # token counts
+
+
 def _decode(v: Any) -> Completion | None:
     """A stored row as a cache hit, or None when it is not a dsrs answer of this key version
     (another program's row, a key collision, wrong types): a miss, never an error or a wrong answer."""
@@ -164,10 +168,9 @@ def _decode(v: Any) -> Completion | None:
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
     u = c.usage
-    counts = (u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens, u.reasoning_tokens,
-              u.cache_write_tokens)  # fmt: skip
     ok = (
-        isinstance(c.text, str) and all(type(n) is int and n >= 0 for n in counts) and type(u.estimated) is bool
+        isinstance(c.text, str) and all(type(n) is int and n >= 0 for n in (getattr(u, f) for f in _COUNTS))
+        and type(u.estimated) is bool
         and all(isinstance(x, str) for x in (c.finish_reason, c.model, c.provider)) and isinstance(c.id, (str, type(None)))
         and all(isinstance(t.id, str) and isinstance(t.name, str) and isinstance(t.arguments, dict) for t in c.tool_calls)
         and all(isinstance(r, dict) for r in c.reasoning)
