@@ -240,3 +240,96 @@ async def test_ollama_results_go_back_under_their_own_function(scripted, fake_re
     assert [(m["role"], m.get("tool_name")) for m in sent] == [
         ("user", None), ("assistant", None), ("tool", "get_weather"), ("assistant", None), ("tool", "get_time")]
     assert msgs[1].tool_calls[0].id != msgs[3].tool_calls[0].id
+
+
+# -- tools, tool_choice and response_format in every common spelling ------------------------------
+_PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+_TOOL_SHAPES = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": _PARAMS}},
+    {"type": "function", "name": "get_weather", "description": "Weather", "parameters": _PARAMS},  # Responses
+    {"name": "get_weather", "description": "Weather", "input_schema": _PARAMS},  # Anthropic
+    {"name": "get_weather", "description": "Weather", "parameters": _PARAMS},
+]
+
+
+@pytest.mark.parametrize("shape", _TOOL_SHAPES, ids=["openai", "responses", "anthropic", "plain"])
+async def test_tool_dicts_of_every_shape_reach_each_provider(scripted, fake_retry, shape):
+    scripted.script(chat_reply("ok"), _an_reply([{"type": "text", "text": "ok"}]))
+    await _openai(scripted, fake_retry, tools=[shape]).acall("hi")
+    await _anthropic(scripted, fake_retry, tools=[shape]).acall("hi")
+    assert scripted.requests[0].json["tools"] == [
+        {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": _PARAMS}}]
+    assert scripted.requests[1].json["tools"] == [
+        {"name": "get_weather", "description": "Weather", "input_schema": _PARAMS}]
+
+
+@pytest.mark.parametrize("bad", [{"type": "function", "function": {"description": "no name"}}, "get_weather",
+                                 {"name": "f", "parameters": _PARAMS, "input_schema": _PARAMS},
+                                 {"name": "f", "parameters": "not a schema"}])  # fmt: skip
+async def test_a_bad_tool_is_a_configuration_error_naming_the_shapes(scripted, fake_retry, bad):
+    with pytest.raises(dsrs.ConfigurationError) as e:
+        await _openai(scripted, fake_retry, tools=[bad]).acall("hi")
+    assert "input_schema" in str(e.value) and "'function'" in str(e.value)
+    assert scripted.requests == []
+
+
+_FORCED = [{"type": "function", "function": {"name": "get_weather"}}, {"type": "tool", "name": "get_weather"},
+           {"type": "function", "name": "get_weather"}, {"name": "get_weather"}]  # fmt: skip
+
+
+@pytest.mark.parametrize("choice, openai, anthropic", [
+    ("auto", "auto", {"type": "auto"}), ("none", "none", {"type": "none"}),
+    ("required", "required", {"type": "any"}), ("any", "required", {"type": "any"}),
+    ({"type": "any"}, "required", {"type": "any"}),
+    *[(c, {"type": "function", "function": {"name": "get_weather"}}, {"type": "tool", "name": "get_weather"})
+      for c in _FORCED],
+])  # fmt: skip
+async def test_tool_choice_spellings_are_encoded_per_provider(scripted, fake_retry, choice, openai, anthropic):
+    scripted.script(chat_reply("ok"), _an_reply([{"type": "text", "text": "ok"}]))
+    await _openai(scripted, fake_retry, tools=_TOOL_SHAPES[:1], tool_choice=choice).acall("hi")
+    await _anthropic(scripted, fake_retry, tools=_TOOL_SHAPES[:1], tool_choice=choice).acall("hi")
+    assert scripted.requests[0].json["tool_choice"] == openai
+    assert scripted.requests[1].json["tool_choice"] == anthropic
+
+
+@pytest.mark.parametrize("choice", ["sometimes", {"type": "function"}, {"function": "get_weather"}, 3])
+async def test_a_bad_tool_choice_is_refused_before_sending(scripted, fake_retry, choice):
+    with pytest.raises(dsrs.ConfigurationError):
+        await _openai(scripted, fake_retry, tools=_TOOL_SHAPES[:1], tool_choice=choice).acall("hi")
+    assert scripted.requests == []
+
+
+async def test_a_form_the_provider_cannot_do_is_refused_before_sending(scripted, fake_retry):
+    lm = LM("ollama/llama3.2", base_url=scripted.url, retry_policy=fake_retry, tools=_TOOL_SHAPES[:1])
+    with pytest.raises(dsrs.UnsupportedFeatureError):
+        await lm.acall("hi", tool_choice={"type": "tool", "name": "get_weather"})
+    assert scripted.requests == []
+
+
+async def test_response_format_may_be_a_pydantic_model(scripted, fake_retry):
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        city: str
+        population: int
+
+    schema = Answer.model_json_schema()
+    scripted.script(chat_reply('{"city": "Paris", "population": 2100000}'),
+                    Reply(json=_gm([{"text": "{}"}])))  # fmt: skip
+    await _openai(scripted, fake_retry, response_format=Answer).acall("hi")
+    assert scripted.requests[0].json["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "Answer", "schema": schema}}
+    gm = LM("gemini/gemini-2.5-flash", base_url=scripted.url + "/v1beta", api_key=KEY, retry_policy=fake_retry)
+    await gm.acall("hi", response_format=Answer)
+    assert scripted.requests[1].json["generationConfig"] == {"responseMimeType": "application/json",
+                                                             "responseJsonSchema": schema}
+    assert _openai(scripted, fake_retry).request("hi", response_format=Answer) == \
+        _openai(scripted, fake_retry).request("hi", response_format={"type": "json_schema", "json_schema": {
+            "name": "Answer", "schema": schema}})  # one cache key whichever way it was given  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [dict, {"type": "yaml"}, "json", {"type": "json_schema", "json_schema": {}}])
+async def test_a_bad_response_format_is_a_configuration_error(scripted, fake_retry, bad):
+    with pytest.raises(dsrs.ConfigurationError) as e:
+        await _openai(scripted, fake_retry, response_format=bad).acall("hi")
+    assert e.value.hint and scripted.requests == []
