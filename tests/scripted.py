@@ -88,6 +88,10 @@ class ScriptedServer:
                  body, raw)  # fmt: skip
         )
         reply = self.replies.popleft() if self.replies else self.default
+        return await self.answer(request, reply)
+
+    async def answer(self, request: web.Request, reply: Reply | None) -> web.StreamResponse:
+        """Send `reply` (None: a 599 saying nothing was scripted)."""
         if reply is None:
             return web.json_response({"error": {"message": "no reply scripted", "type": "test_error"}}, status=599)
         if reply.delay:
