@@ -127,7 +127,7 @@ RS_FINAL = Reply(json=_response([MSG_ITEM]))
 RS_EXPECTED = [
     {"role": "user", "content": "Weather in Paris?"},
     RS_ITEM,
-    {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": json.dumps({"city": "Paris"})},
+    FC_ITEM,  # the item after a reasoning item goes back as it came, its id "fc_1" included
     {"type": "function_call_output", "call_id": "call_1", "output": RESULT}]  # fmt: skip
 
 

@@ -333,3 +333,33 @@ async def test_a_bad_response_format_is_a_configuration_error(scripted, fake_ret
     with pytest.raises(dsrs.ConfigurationError) as e:
         await _openai(scripted, fake_retry, response_format=bad).acall("hi")
     assert e.value.hint and scripted.requests == []
+
+
+# -- Responses: items after a reasoning item keep their ids ---------------------------------------
+async def test_responses_items_after_reasoning_go_back_with_their_ids(scripted, fake_retry):
+    rs = {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAAA-opaque"}
+    msg = {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+           "content": [{"type": "output_text", "text": "Checking.", "annotations": []}]}
+    fcs = [{"type": "function_call", "id": f"fc_{i}", "call_id": f"call_{i}", "name": "get_weather",
+            "arguments": '{"city":"Paris"}', "status": "completed"} for i in (1, 2)]  # fmt: skip
+
+    def resp(output):
+        return Reply(json={"id": "resp_1", "object": "response", "status": "completed", "model": "o4-mini",
+                           "output": output, "usage": {"input_tokens": 9, "output_tokens": 3, "total_tokens": 12}})
+
+    scripted.script(resp([rs, msg, *fcs]), resp([msg]), resp([msg]))
+    lm = LM("openai-responses/o4-mini", base_url=scripted.url + "/v1", api_key=KEY, retry_policy=fake_retry,
+            tools=_TOOL_SHAPES[:1])  # fmt: skip
+    c = await lm.acall("Weather in Paris and Lyon?")
+    assert c.text == "Checking." and [t.id for t in c.tool_calls] == ["call_1", "call_2"]
+    turn = [dsrs.Message.user("Weather in Paris and Lyon?"), dsrs.Message.from_completion(c),
+            dsrs.Message.tool("call_1", "18 C"), dsrs.Message.tool("call_2", "17 C")]  # fmt: skip
+    last = await lm.acall(turn)
+    assert scripted.requests[1].json["input"] == [
+        {"role": "user", "content": "Weather in Paris and Lyon?"}, rs, msg, *fcs,
+        {"type": "function_call_output", "call_id": "call_1", "output": "18 C"},
+        {"type": "function_call_output", "call_id": "call_2", "output": "17 C"}]  # fmt: skip
+    # an answer without reasoning goes back in the plain form, as before
+    await lm.acall(turn + [dsrs.Message.from_completion(last), dsrs.Message.user("Thanks")])
+    assert scripted.requests[2].json["input"][-2:] == [{"role": "assistant", "content": "Checking."},
+                                                       {"role": "user", "content": "Thanks"}]  # fmt: skip

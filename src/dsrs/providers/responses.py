@@ -3,6 +3,10 @@
 System messages become `instructions`; the conversation becomes `input` items (messages,
 `function_call`, `function_call_output`). The protocol has no `stop` and no `seed`: asking for
 them is an error before sending (a server that accepts them anyway takes them via `extra`).
+
+Reasoning round trip (stateless): when an answer holds a `reasoning` item, every output item of
+that answer is kept in `Completion.reasoning` and goes back unchanged, ids included (a reasoning
+item must be followed by the very items it produced: `function_call` `fc_...`, `message` `msg_...`).
 """
 
 from __future__ import annotations
@@ -27,13 +31,16 @@ def _input(req: Request, provider: str) -> list[dict[str, Any]]:
         if m.role == "tool":
             items.append({"type": "function_call_output", "call_id": m.tool_call_id, "output": m.content})
             continue
-        if m.role == "assistant":  # reasoning items go back unchanged, before the turn's message and calls
-            items += convert.own_reasoning(m, provider)
-        if m.content or not m.tool_calls:
+        # the answer's own output items (reasoning and what follows it) go back unchanged, ids included
+        own = convert.own_reasoning(m, provider) if m.role == "assistant" else []
+        items += own
+        sent_calls = {i.get("call_id") for i in own if i.get("type") == "function_call"}
+        if (m.content or not m.tool_calls) and not any(i.get("type") == "message" for i in own):
             items.append({"role": m.role, "content": m.content})
         for t in m.tool_calls:
-            items.append({"type": "function_call", "call_id": t.id, "name": t.name,
-                          "arguments": json.dumps(t.arguments)})  # fmt: skip
+            if t.id not in sent_calls:
+                items.append({"type": "function_call", "call_id": t.id, "name": t.name,
+                              "arguments": json.dumps(t.arguments)})  # fmt: skip
     return items
 
 
@@ -102,7 +109,10 @@ def _calls(output: list[dict[str, Any]]) -> tuple[ToolCall, ...]:
 
 
 def _reasoning(output: list[dict[str, Any]], provider: str) -> tuple[dict[str, Any], ...]:
-    return convert.reasoning(provider, [i for i in output if i.get("type") == "reasoning"])
+    """All output items when one is a reasoning item (they go back together, see the module doc)."""
+    if not any(isinstance(i, dict) and i.get("type") == "reasoning" for i in output):
+        return ()
+    return convert.reasoning(provider, [i for i in output if isinstance(i, dict)])
 
 
 def _finish(resp: dict[str, Any], calls: tuple[ToolCall, ...], refused: bool) -> str:
