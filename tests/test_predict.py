@@ -187,3 +187,20 @@ def test_lm_errors_propagate_typed(scripted, fake_retry, ledger_dir):
                                           "code": "insufficient_quota"}}))  # fmt: skip
     with pytest.raises(dsrs.QuotaExceededError):
         Predict("question -> answer", lm=openai_lm(scripted, fake_retry))(question="?")
+
+
+# Whitespace runs that never end in a closing fence: the old fence regex retried each run from every
+# position in it (80 KB took ~25 s, 400 KB would take ~10 min); parsing is linear now.
+_HOSTILE = "```json\n[1, 2" + " " * 400_000 + ", 3]" + " \n" * 200_000 + "trailing"
+
+
+@pytest.mark.timeout(60)  # generous on a saturated machine: the linear parse takes milliseconds
+def test_code_fence_parsing_is_linear_on_hostile_input():
+    from dsrs.predict import ChatAdapter, JSONAdapter, Signature
+
+    sig = Signature.coerce("question -> answer: list[int]")
+    assert ChatAdapter().parse(sig, "[[ answer ]]\n" + _HOSTILE) == {"answer": [1, 2, 3]}
+    fenced = "```json\n{\"answer\": [1, 2, 3]}" + " \t\n" * 300_000 + "```"
+    assert JSONAdapter().parse(sig, fenced) == {"answer": [1, 2, 3]}
+    with pytest.raises(AdapterParseError):  # fenced, but no JSON object in it
+        JSONAdapter().parse(sig, "```\n" + " " * 400_000 + "x")

@@ -57,3 +57,25 @@ def test_encode_round_trip_and_expiry() -> None:
         bolt11.decode(flipped)
     with pytest.raises(bolt11.InvoiceError):
         bolt11.decode(12345)  # type: ignore[arg-type]
+
+
+def test_overlong_invoices_and_amounts_are_refused_typed() -> None:
+    from dsrs.errors import DsrsError
+    from dsrs.nostr import bech32
+
+    # longer than any QR code holds: refused before any bech32 work, whatever the content
+    with pytest.raises(bolt11.InvoiceError, match="characters long"):
+        bolt11.decode("lnbc1" + "q" * 1_000_000)
+    # a well-formed bech32 string whose amount has 4,400 digits: Python's int() refuses more than
+    # 4,300 digits with a bare ValueError; the decoder says what is wrong instead
+    huge = bech32.encode("lnbc" + "9" * 4400 + "p", [0] * 200)
+    assert len(huge) <= bolt11.MAX_INVOICE_CHARS
+    with pytest.raises(bolt11.InvoiceError, match="digits") as e:
+        bolt11.decode(huge)
+    assert isinstance(e.value, DsrsError)
+    with pytest.raises(bolt11.InvoiceError, match="digits"):
+        bolt11.decode(bech32.encode("lnbc" + "1" * 21 + "p", [0] * 200))
+    # the longest real amount (21M BTC in pico-BTC, 20 digits) still parses as an amount
+    twenty = bech32.encode("lnbc" + "21000000000000000000" + "p", [0] * 200)
+    with pytest.raises(bolt11.InvoiceError, match="too short|tagged|payment hash|signature"):
+        bolt11.decode(twenty)  # gets past the amount; these words are no invoice

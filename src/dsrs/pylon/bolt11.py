@@ -19,6 +19,10 @@ from ..nostr import bech32
 NETWORKS = ("bcrt", "bc", "tbs", "tb", "sb")  # longest first: "lnbcrt" is not "lnbc" + "rt"
 _MULT = {"m": Decimal("1e8"), "u": Decimal("1e5"), "n": Decimal("1e2"), "p": Decimal("0.1")}  # msats per unit
 _BTC_MSATS = 10**11
+# Longest invoice decoded: the most characters a QR code holds. Nothing longer can be scanned or
+# paid in practice, and bech32 work grows with the length of what a relay sends us.
+MAX_INVOICE_CHARS = 7089
+_MAX_AMOUNT_DIGITS = 20  # 21M BTC in pico-BTC is 2.1e19: 20 digits; more is never a real amount
 _HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
 _KNOWN_EVEN_FEATURES = {8, 14, 16, 24, 48}  # var_onion, payment_secret, basic_mpp, route blinding, metadata
 
@@ -57,6 +61,8 @@ def _amount(s: str) -> int | None:
         return None
     mult = s[-1] if s[-1] in _MULT else ""
     digits = s[:-1] if mult else s
+    if len(digits) > _MAX_AMOUNT_DIGITS:
+        raise InvoiceError(f"invoice amount has {len(digits)} digits (at most {_MAX_AMOUNT_DIGITS})")
     if not digits.isdigit() or (len(digits) > 1 and digits[0] == "0"):
         raise InvoiceError(f"invalid invoice amount {s!r}")
     if not mult:
@@ -81,6 +87,8 @@ def decode(text: str) -> Invoice:
     s = text.strip()
     if s.lower().startswith("lightning:"):
         s = s[10:]
+    if len(s) > MAX_INVOICE_CHARS:
+        raise InvoiceError(f"invoice is {len(s)} characters long (at most {MAX_INVOICE_CHARS})")
     try:
         hrp, words = bech32.decode(s, max_len=None)
     except bech32.Bech32Error as e:
