@@ -313,12 +313,8 @@ async def sse_events(ep: Endpoint, body: Mapping[str, Any]) -> AsyncIterator[tup
     parts: list[bytes] = []  # pieces of the unfinished last line (joined once: no quadratic copies)
     plen = 0
     skip_lf = False  # the last chunk ended in CR: an LF starting the next one belongs to it
-    first = True
+    bom = True  # the first line may start with a byte-order mark
     async for chunk in _chunks(ep, body):
-        if first:
-            first = False
-            if chunk[:3] == b"\xef\xbb\xbf":
-                chunk = chunk[3:]
         if skip_lf:
             skip_lf = False
             if chunk[:1] == b"\n":
@@ -342,6 +338,10 @@ async def sse_events(ep: Endpoint, body: Mapping[str, Any]) -> AsyncIterator[tup
         if last:
             parts.append(last)
         for raw in lines:
+            if bom:
+                bom = False
+                if raw[:3] == b"\xef\xbb\xbf":
+                    raw = raw[3:]
             if not raw:
                 if data:
                     yield event, "\n".join(data)
@@ -359,7 +359,10 @@ async def sse_events(ep: Endpoint, body: Mapping[str, Any]) -> AsyncIterator[tup
                 elif field == "event":
                     event = value[1:] if value[:1] == " " else value
     if parts:  # a last line without its end
-        field, _, value = b"".join(parts).decode("utf-8", "replace").partition(":")
+        raw = b"".join(parts)
+        if bom and raw[:3] == b"\xef\xbb\xbf":
+            raw = raw[3:]
+        field, _, value = raw.decode("utf-8", "replace").partition(":")
         if field == "data":
             data.append(value[1:] if value[:1] == " " else value)
     if data:  # an event without its closing blank line
