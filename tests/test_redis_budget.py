@@ -240,3 +240,71 @@ def test_kill_mid_load_then_restart_empty(on_down: str) -> None:
         assert c["spent"] + c["reserved"] >= load.billed
     finally:
         srv.kill()
+
+
+@pytest.mark.parametrize(("persist", "on_down"), [(True, "local"), (False, "local"), (False, "fail_closed")])
+def test_two_gateways_never_overspend_when_redis_is_killed_mid_load(
+    scripted: Any, monkeypatch: pytest.MonkeyPatch, persist: bool, on_down: str
+) -> None:
+    """Two gateways (each its own runtime and Redis connections, as two processes) share a 10,000 msats budget; each upstream answer bills
+    601 msats. Redis is SIGKILLed once 8 answers were billed and restarted (from its append-only file,
+    or empty) while the clients keep calling: what the scripted upstream billed stays within the limit."""
+    import openai
+
+    from gateway_fixture import CLIENT_KEY, InProcessGateway
+    from scripted import chat_reply
+
+    srv = (AofRedis if persist else RedisServer).start()
+    gws: list[InProcessGateway] = []
+    try:
+        scripted.script(default=chat_reply("ok", prompt_tokens=5, completion_tokens=1000))
+        doc = {
+            "redis": {"url": srv.url, "on_down": on_down},
+            "lanes": {"remote": {"lm": "openai/gpt-4o-mini", "base_url": scripted.url + "/v1",
+                                 "api_key_env": "UPSTREAM_KEY", "options": {"retries": 0}}},
+            "budgets": {"shared": {"limit_msats": 10_000}},
+            "gateway": {"budget": "shared"},
+            "keys": {"alice": {"key_env": "CLIENT_KEY"}},
+        }  # fmt: skip
+        monkeypatch.setenv("UPSTREAM_KEY", "sk-upstream-test")
+        gws = [InProcessGateway(doc), InProcessGateway(doc)]  # each its own runtime and Redis pool
+        clients = [openai.OpenAI(base_url=g.url + "/v1", api_key=CLIENT_KEY, max_retries=0) for g in gws]
+        lock, killed = threading.Lock(), threading.Event()
+
+        def call(i: int) -> None:
+            try:
+                clients[i % 2].chat.completions.create(
+                    model="remote", messages=[{"role": "user", "content": f"question {uuid.uuid4().hex}"}],
+                    max_tokens=1000)  # fmt: skip
+            except openai.APIStatusError as e:
+                assert e.code in ("budget_exceeded", "budget_unavailable"), e
+
+        def worker(i: int, after_kill: int) -> None:
+            for _ in range(40):  # until the kill (or the budget runs out first, which the asserts catch)
+                call(i)
+                with lock:
+                    if not killed.is_set() and len(scripted.requests) >= 8:
+                        srv.stop()
+                        killed.set()
+                if killed.is_set():
+                    break
+            for _ in range(after_kill):
+                call(i)
+
+        def phase(after_kill: int) -> None:
+            threads = [threading.Thread(target=worker, args=(i, after_kill)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        phase(2)
+        assert killed.is_set() and len(scripted.requests) >= 8
+        assert 601 * len(scripted.requests) <= 10_000
+        srv.restart()
+        phase(4)
+        assert 601 * len(scripted.requests) <= 10_000
+    finally:
+        for g in gws:
+            g.close()
+        srv.kill()
