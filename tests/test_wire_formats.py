@@ -363,3 +363,88 @@ async def test_responses_items_after_reasoning_go_back_with_their_ids(scripted, 
     await lm.acall(turn + [dsrs.Message.from_completion(last), dsrs.Message.user("Thanks")])
     assert scripted.requests[2].json["input"][-2:] == [{"role": "assistant", "content": "Checking."},
                                                        {"role": "user", "content": "Thanks"}]  # fmt: skip
+
+
+# -- images: sent as each provider documents, or refused; never dropped ----------------------------
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+URL = "https://example.com/cat.jpg"
+LOOK = {"role": "user", "content": [
+    {"type": "text", "text": "What is in these images?"},
+    {"type": "image_url", "image_url": {"url": URL}},
+    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}", "detail": "low"}}]}  # fmt: skip
+
+
+async def test_images_reach_openai_chat_responses_anthropic_and_gemini(scripted, fake_retry):
+    rs_ok = Reply(json={"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4.1",
+                        "output": [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                                    "content": [{"type": "output_text", "text": "a cat", "annotations": []}]}],
+                        "usage": {"input_tokens": 9, "output_tokens": 3, "total_tokens": 12}})  # fmt: skip
+    scripted.script(chat_reply("a cat"), rs_ok, _an_reply([{"type": "text", "text": "a cat"}]),
+                    Reply(json=_gm([{"text": "a cat"}])))  # fmt: skip
+    await _openai(scripted, fake_retry).acall([LOOK])
+    await LM("openai-responses/gpt-4.1", base_url=scripted.url, api_key=KEY, retry_policy=fake_retry).acall([LOOK])
+    await _anthropic(scripted, fake_retry).acall([LOOK])
+    await LM("gemini/gemini-2.5-flash", base_url=scripted.url, api_key=KEY, retry_policy=fake_retry).acall([LOOK])
+    oa, rs, an, gm = (r.json for r in scripted.requests)
+    assert oa["messages"] == [LOOK]
+    assert rs["input"] == [{"role": "user", "content": [
+        {"type": "input_text", "text": "What is in these images?"},
+        {"type": "input_image", "image_url": URL, "detail": "auto"},
+        {"type": "input_image", "image_url": f"data:image/png;base64,{PNG}", "detail": "low"}]}]  # fmt: skip
+    assert an["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "What is in these images?"},
+        {"type": "image", "source": {"type": "url", "url": URL}},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}]}]  # fmt: skip
+    assert gm["contents"] == [{"role": "user", "parts": [
+        {"text": "What is in these images?"}, {"fileData": {"fileUri": URL}},
+        {"inlineData": {"mimeType": "image/png", "data": PNG}}]}]  # fmt: skip
+
+
+async def test_images_reach_ollama_as_base64_and_urls_are_refused(scripted, fake_retry):
+    scripted.script(Reply(json={"model": "llava", "done": True, "done_reason": "stop",
+                                "message": {"role": "assistant", "content": "a dot"}}))  # fmt: skip
+    lm = LM("ollama/llava", base_url=scripted.url, retry_policy=fake_retry)
+    anthropic_shaped = {"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+        {"type": "text", "text": "What is this?"}]}  # fmt: skip
+    await lm.acall([anthropic_shaped])
+    assert scripted.requests[0].json["messages"] == [{"role": "user", "content": "What is this?", "images": [PNG]}]
+    with pytest.raises(dsrs.UnsupportedFeatureError):
+        await lm.acall([LOOK])
+    assert len(scripted.requests) == 1
+
+
+@pytest.mark.parametrize("spec", ["embedded/gemma-3-270m", "cohere/command-a-03-2025", "deepseek/deepseek-chat"])
+async def test_an_lm_that_cannot_take_images_refuses_them(scripted, fake_retry, spec):
+    lm = LM(spec, base_url=scripted.url, api_key=KEY, retry_policy=fake_retry)
+    with pytest.raises(dsrs.UnsupportedFeatureError) as e:
+        await lm.acall([LOOK])
+    assert "images" in str(e.value) and scripted.requests == []
+    assert lm.request([{"role": "user", "content": [{"type": "text", "text": "text parts are fine"}]}])
+
+
+@pytest.mark.parametrize("part", [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                                  {"type": "file", "file": {"file_id": "file-1"}},
+                                  {"type": "image_url", "image_url": {"url": "cat.jpg"}}, "not a part"])  # fmt: skip
+async def test_an_unsupported_part_is_a_configuration_error_not_dropped(scripted, fake_retry, part):
+    with pytest.raises(dsrs.ConfigurationError) as e:
+        await _openai(scripted, fake_retry).acall([{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}])
+    assert "image" in str(e.value) and scripted.requests == []
+
+
+def test_images_are_in_the_cache_key_and_round_trip():
+    from dsrs.cache import cache_key
+
+    lm = LM("openai/gpt-4o-mini", api_key=KEY)
+    other = {"role": "user", "content": [{"type": "text", "text": "What is in these images?"},
+                                         {"type": "image_url", "image_url": {"url": "https://example.com/dog.jpg"}}]}
+    a, b = lm.request([LOOK]), lm.request([other])
+    assert a.messages[0].content == b.messages[0].content == "What is in these images?"
+    assert cache_key("openai", a) != cache_key("openai", b)
+    assert cache_key("openai", a) != cache_key("openai", lm.request("What is in these images?"))
+    m = a.messages[0]
+    assert dsrs.Message.coerce(m.to_json()) == m
+    assert dsrs.Message.user("What is in these images?", [URL, f"data:image/png;base64,{PNG}"]).parts == m.parts[:2] + (
+        {"type": "image", "data": PNG, "media_type": "image/png"},)
+    with pytest.raises(dsrs.ConfigurationError):
+        dsrs.Message.coerce({"role": "assistant", "content": LOOK["content"]})

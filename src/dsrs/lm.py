@@ -18,7 +18,7 @@ from typing import Any
 from . import _sync, pricing
 from .budget import NO_HOLD, Hold, applicable, reserve
 from .cache import Cache, cache_key, default_cache
-from .errors import ConfigurationError, DsrsError, ResponseFormatError
+from .errors import ConfigurationError, DsrsError, ResponseFormatError, UnsupportedFeatureError
 from .providers.base import Backend, Secret
 from .retry import RetryPolicy
 from .settings import current
@@ -197,9 +197,15 @@ class BaseLM:
 
             tools = tuple(convert.tool(t) for t in tools)
             choice, rf = convert.normal_tool_choice(choice), convert.response_format(rf)
+        messages = to_messages(prompt)
+        if not isinstance(prompt, str) and any(m.parts for m in messages) \
+                and not getattr(getattr(self, "service", None), "images", False):  # refused, never dropped
+            raise UnsupportedFeatureError(
+                "this LM does not take images", provider=self.provider or None, model=self.model or None,
+                hint="send text only, or use a provider that takes images (openai, anthropic, gemini, ollama...)")
         return Request(
             model=self.model,
-            messages=to_messages(prompt),
+            messages=messages,
             max_tokens=o.get("max_tokens"),
             temperature=_float(o.get("temperature")),
             top_p=_float(o.get("top_p")),

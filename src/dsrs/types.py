@@ -61,14 +61,21 @@ class Message:
     name: str | None = None
     # the provider's own reasoning blocks of an assistant turn, sent back unchanged (see Completion.reasoning)
     reasoning: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+    # a user turn with images: its parts in order, each {"type": "text", "text"} or {"type": "image", "url"} /
+    # {"type": "image", "data" (base64), "media_type"} (+ "detail"); `content` is then the text parts joined
+    parts: tuple[dict[str, Any], ...] = field(default=(), repr=False)
 
     @staticmethod
     def system(text: str) -> Message:
         return Message("system", text)
 
     @staticmethod
-    def user(text: str) -> Message:
-        return Message("user", text)
+    def user(text: str, images: tuple[str | dict[str, Any], ...] | list[Any] = ()) -> Message:
+        """A user turn; `images`: URLs, data: URLs or image part dicts (OpenAI, Anthropic or normal form)."""
+        if not images:
+            return Message("user", text)
+        head = ({"type": "text", "text": text},) if text else ()
+        return Message("user", text, parts=head + tuple(Message.part(i) for i in images))
 
     @staticmethod
     def assistant(text: str = "", tool_calls: tuple[ToolCall, ...] = ()) -> Message:
@@ -93,7 +100,35 @@ class Message:
             d["name"] = self.name
         if self.reasoning:
             d["reasoning"] = list(self.reasoning)
+        if self.parts:
+            d["parts"] = list(self.parts)
         return d
+
+    @staticmethod
+    def part(p: Any) -> dict[str, Any]:
+        """One content part in normal form, from OpenAI chat, Responses, Anthropic or normal spellings
+        (a bare string is an image URL or data: URL). Anything else is a ConfigurationError, never dropped."""
+        kind = p.get("type", "text" if "text" in p else None) if isinstance(p, dict) else None
+        if isinstance(p, str):
+            return _image(p)
+        if kind in ("text", "input_text") and isinstance(p.get("text"), str):
+            return {"type": "text", "text": p["text"]}
+        if kind == "image_url":  # OpenAI chat
+            iu = p.get("image_url")
+            return _image(iu.get("url"), iu.get("detail")) if isinstance(iu, dict) else _image(iu)
+        if kind == "input_image" and "image_url" in p:  # Responses
+            return _image(p["image_url"], p.get("detail"))
+        if kind == "image":
+            src = p.get("source")
+            if isinstance(src, dict) and src.get("type") == "base64":  # Anthropic
+                return _image_data(src.get("data"), src.get("media_type"))
+            if isinstance(src, dict) and src.get("type") == "url":
+                return _image(src.get("url"))
+            if "url" in p:
+                return _image(p["url"], p.get("detail"))
+            if "data" in p:
+                return _image_data(p["data"], p.get("media_type"), p.get("detail"))
+        raise _part_error(f"unsupported content part {p!r:.100}")
 
     @staticmethod
     def coerce(m: Message | dict[str, Any]) -> Message:
@@ -102,8 +137,16 @@ class Message:
         if not isinstance(m, dict) or "role" not in m:
             raise TypeError(f"a message must be a dsrs.Message or a dict with 'role' and 'content', got {m!r:.80}")
         content = m.get("content") or ""
-        if isinstance(content, list):  # OpenAI-style text parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        parts: tuple[dict[str, Any], ...] = ()
+        raw_parts = m.get("parts") or (content if isinstance(content, list) else ())
+        if raw_parts:  # content parts (OpenAI, Responses, Anthropic spellings): text joined, images kept
+            parts = tuple(Message.part(p) for p in raw_parts)
+            if isinstance(content, list):
+                content = "".join(p["text"] for p in parts if p["type"] == "text")
+            if all(p["type"] == "text" for p in parts):
+                parts = ()
+            elif m["role"] != "user":
+                raise _part_error(f"images can only be sent in user messages, not {m['role']!r}")
         calls = []
         for tc in m.get("tool_calls") or ():
             fn = tc.get("function", tc)
@@ -112,7 +155,33 @@ class Message:
                 args = json.loads(args or "{}")
             calls.append(ToolCall(tc.get("id", ""), fn["name"], args))
         reasoning = tuple(m.get("reasoning") or ())
-        return Message(m["role"], content, tuple(calls), m.get("tool_call_id"), m.get("name"), reasoning)
+        return Message(m["role"], content, tuple(calls), m.get("tool_call_id"), m.get("name"), reasoning, parts)
+
+
+def _part_error(what: str) -> Exception:
+    from .errors import ConfigurationError
+
+    return ConfigurationError(what, hint="content parts may be text and images: {'type': 'text', 'text': ...}, "
+                              "{'type': 'image_url', 'image_url': {'url': 'https://... or data:image/png;base64,...'}} "
+                              "or Anthropic {'type': 'image', 'source': {...}}")  # fmt: skip
+
+
+def _image(url: Any, detail: Any = None) -> dict[str, Any]:
+    if isinstance(url, str) and url.startswith("data:"):
+        head, sep, data = url[5:].partition(",")
+        media_type, _, enc = head.partition(";")
+        if sep and enc == "base64":
+            return _image_data(data, media_type, detail)
+        raise _part_error("an image data: URL must be data:<media type>;base64,<data>")
+    if not isinstance(url, str) or "://" not in url:
+        raise _part_error(f"an image needs a URL or base64 data, got {url!r:.60}")
+    return {"type": "image", "url": url, **({"detail": detail} if detail else {})}
+
+
+def _image_data(data: Any, media_type: Any, detail: Any = None) -> dict[str, Any]:
+    if not isinstance(data, str) or not data or not isinstance(media_type, str) or not media_type.startswith("image/"):
+        raise _part_error("base64 image data needs the data and an image/* media type")
+    return {"type": "image", "data": data, "media_type": media_type, **({"detail": detail} if detail else {})}
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,9 +30,20 @@ def _blocks(m: Message, provider: str) -> tuple[str, list[dict[str, Any]]]:
         return "user", [{"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}]
     # thinking blocks go back unchanged (signature/data included), before the text and tool_use blocks
     blocks = convert.own_reasoning(m, provider) if m.role == "assistant" else []
-    blocks += [{"type": "text", "text": m.content}] if m.content else []
+    if m.parts:  # a user turn with images
+        blocks += [_part(p) for p in m.parts]
+    else:
+        blocks += [{"type": "text", "text": m.content}] if m.content else []
     blocks += [{"type": "tool_use", "id": t.id, "name": t.name, "input": t.arguments} for t in m.tool_calls]
     return ("assistant" if m.role == "assistant" else "user"), blocks
+
+
+def _part(p: dict[str, Any]) -> dict[str, Any]:
+    if p["type"] == "text":
+        return {"type": "text", "text": p["text"]}
+    if "url" in p:
+        return {"type": "image", "source": {"type": "url", "url": p["url"]}}
+    return {"type": "image", "source": {"type": "base64", "media_type": p["media_type"], "data": p["data"]}}
 
 
 def _messages(req: Request, provider: str) -> list[dict[str, Any]]:

@@ -161,6 +161,11 @@ def tool_names(messages: tuple[Message, ...]) -> list[str | None]:
     return out
 
 
+def image_url(part: dict[str, Any]) -> str:
+    """An image part (see `Message.parts`) as a URL: its own, or a base64 data: URL."""
+    return part.get("url") or f"data:{part['media_type']};base64,{part['data']}"
+
+
 def reasoning(provider: str, blocks: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
     """`Completion.reasoning`: the provider's raw reasoning blocks, tagged with the provider."""
     return tuple({"provider": provider, "block": b} for b in blocks)

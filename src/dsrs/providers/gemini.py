@@ -49,6 +49,11 @@ def _parts(m: Message, name: str | None, provider: str) -> list[dict[str, Any]]:
         if m.tool_call_id and not m.tool_call_id.startswith(_SYNTH):
             fr["id"] = m.tool_call_id
         return [{"functionResponse": fr}]
+    if m.parts:  # a user turn with images: inline base64, or a file by URI
+        return [{"text": p["text"]} if p["type"] == "text" else
+                {"inlineData": {"mimeType": p["media_type"], "data": p["data"]}} if "data" in p else
+                {"fileData": {"fileUri": p["url"], **({"mimeType": p["media_type"]} if "media_type" in p else {})}}
+                for p in m.parts]  # fmt: skip
     sigs = convert.own_reasoning(m, provider) if m.role == "assistant" else []
     by_call = {b.get("call"): b["thoughtSignature"] for b in sigs if b.get("thoughtSignature")}
     text_sig = by_call.pop(None, None)

@@ -24,6 +24,8 @@ def _message(m: Message, name: str | None) -> dict[str, Any]:
     d: dict[str, Any] = {"role": m.role}
     if m.content or not m.tool_calls:  # as the official client: no empty content beside tool calls
         d["content"] = m.content
+    if m.parts:  # Ollama takes images as base64 beside the text, never by URL (refused in `encode`)
+        d["images"] = [p["data"] for p in m.parts if p["type"] == "image"]
     if m.tool_calls:
         d["tool_calls"] = [{"function": {"name": t.name, "arguments": t.arguments}} for t in m.tool_calls]
     if m.role == "tool" and name:
@@ -32,6 +34,8 @@ def _message(m: Message, name: str | None) -> dict[str, Any]:
 
 
 def encode(req: Request, stream: bool, provider: str) -> dict[str, Any]:
+    if any("url" in p for m in req.messages for p in m.parts):
+        convert.refuse(provider, req.model, "images by URL", "pass the image as base64 data (a data: URL)")
     names = convert.tool_names(req.messages)
     body: dict[str, Any] = {"model": req.model, "messages": [_message(m, n) for m, n in zip(req.messages, names)],
                             "stream": stream}  # fmt: skip

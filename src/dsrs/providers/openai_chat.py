@@ -16,8 +16,15 @@ _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "func
            "content_filter": "content_filter"}  # fmt: skip
 
 
+def _content_part(p: dict[str, Any]) -> dict[str, Any]:
+    if p["type"] == "text":
+        return {"type": "text", "text": p["text"]}
+    url = {"url": convert.image_url(p), **({"detail": p["detail"]} if p.get("detail") else {})}
+    return {"type": "image_url", "image_url": url}
+
+
 def encode_message(m: Message) -> dict[str, Any]:
-    d: dict[str, Any] = {"role": m.role, "content": m.content}
+    d: dict[str, Any] = {"role": m.role, "content": [_content_part(p) for p in m.parts] if m.parts else m.content}
     if m.tool_calls:
         d["tool_calls"] = [
             {"id": t.id, "type": "function", "function": {"name": t.name, "arguments": json.dumps(t.arguments)}}

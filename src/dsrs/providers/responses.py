@@ -35,7 +35,12 @@ def _input(req: Request, provider: str) -> list[dict[str, Any]]:
         own = convert.own_reasoning(m, provider) if m.role == "assistant" else []
         items += own
         sent_calls = {i.get("call_id") for i in own if i.get("type") == "function_call"}
-        if (m.content or not m.tool_calls) and not any(i.get("type") == "message" for i in own):
+        if m.parts:  # a user turn with images
+            items.append({"role": m.role, "content": [
+                {"type": "input_text", "text": p["text"]} if p["type"] == "text" else
+                {"type": "input_image", "image_url": convert.image_url(p), "detail": p.get("detail") or "auto"}
+                for p in m.parts]})  # fmt: skip
+        elif (m.content or not m.tool_calls) and not any(i.get("type") == "message" for i in own):
             items.append({"role": m.role, "content": m.content})
         for t in m.tool_calls:
             if t.id not in sent_calls:

@@ -23,6 +23,7 @@ class Service:
     json_schema: bool = True
     streaming: bool = True
     stream_usage: bool = True  # honours stream_options.include_usage
+    images: bool = True  # takes image content parts (`Message.parts`); False: refused before sending
     quirks: frozenset[str] = field(default_factory=frozenset)
     # quirks: "max_completion_tokens" (send max_completion_tokens instead of max_tokens),
     # "no_seed" (drop seed), "azure" (deployment URL + api-version)
@@ -40,7 +41,7 @@ SERVICES: dict[str, Service] = {
         _row("cerebras", "https://api.cerebras.ai/v1", "CEREBRAS_API_KEY"),
         _row("together", "https://api.together.xyz/v1", "TOGETHER_API_KEY"),
         _row("openrouter", "https://openrouter.ai/api/v1", "OPENROUTER_API_KEY"),
-        _row("deepseek", "https://api.deepseek.com/v1", "DEEPSEEK_API_KEY", json_schema=False),
+        _row("deepseek", "https://api.deepseek.com/v1", "DEEPSEEK_API_KEY", json_schema=False, images=False),
         _row("xai", "https://api.x.ai/v1", "XAI_API_KEY"),
         # Mistral rejects `stream_options` (422) and sends usage in its last chunk anyway
         _row("mistral", "https://api.mistral.ai/v1", "MISTRAL_API_KEY", stream_usage=False,
@@ -76,7 +77,7 @@ SERVICES: dict[str, Service] = {
             auth_prefix="",
             quirks=frozenset({"azure", "max_completion_tokens"}),
         ),
-        Service("embedded", "embedded", key_required=False, local=True, tools=False, json_schema=False),
+        Service("embedded", "embedded", key_required=False, local=True, tools=False, json_schema=False, images=False),
         # Native protocols, one module each under dsrs.providers:
         Service("codex", "responses", "https://api.openai.com/v1", "OPENAI_BASE_URL", ("OPENAI_API_KEY",)),
         Service("openai-responses", "responses", "https://api.openai.com/v1", "OPENAI_BASE_URL", ("OPENAI_API_KEY",)),
@@ -99,7 +100,8 @@ SERVICES: dict[str, Service] = {
             auth_prefix="",
         ),
         Service("ollama", "ollama", "http://127.0.0.1:11434", "OLLAMA_HOST", (), key_required=False, local=True),
-        Service("cohere", "cohere", "https://api.cohere.com/v2", "COHERE_BASE_URL", ("CO_API_KEY", "COHERE_API_KEY")),
+        Service("cohere", "cohere", "https://api.cohere.com/v2", "COHERE_BASE_URL", ("CO_API_KEY", "COHERE_API_KEY"),
+                images=False),  # dsrs.providers.cohere sends text only
     )
 }
 
