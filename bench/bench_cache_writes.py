@@ -64,22 +64,27 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--conc", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dir", default=None, help="where the cache file goes (a real disk: fsync costs there)")
     a = ap.parse_args()
     from dsrs.cache import Cache, SqliteStore
 
     server, port = start_server()
     url = f"http://127.0.0.1:{port}/v1"
+    best_off = best_on = 0.0
+    drain = 0.0
     try:
-        with tempfile.TemporaryDirectory() as d:
-            off = asyncio.run(run(url, a.calls, a.conc, None, "off"))
-            store = SqliteStore(Path(d) / "cache.sqlite3")
-            on = asyncio.run(run(url, a.calls, a.conc, Cache(store), "on"))
-            t = time.perf_counter()
-            getattr(store, "flush", lambda: None)()
-            drain = time.perf_counter() - t
-            store.close()
-        print(f"cache off: {off:,.0f} calls/s; SQLite cache on: {on:,.0f} calls/s ({on / off:.2f}x); "
-              f"flush after the run: {drain * 1000:.0f} ms")  # fmt: skip
+        for r in range(a.rounds):  # other work on the machine only makes a figure worse: keep the best
+            best_off = max(best_off, asyncio.run(run(url, a.calls, a.conc, None, f"off{r}")))
+            with tempfile.TemporaryDirectory(dir=a.dir) as d:
+                store = SqliteStore(Path(d) / "cache.sqlite3")
+                best_on = max(best_on, asyncio.run(run(url, a.calls, a.conc, Cache(store), f"on{r}")))
+                t = time.perf_counter()
+                getattr(store, "flush", lambda: None)()
+                drain = max(drain, time.perf_counter() - t)
+                store.close()
+        print(f"cache off: {best_off:,.0f} calls/s; SQLite cache on: {best_on:,.0f} calls/s ({best_on / best_off:.2f}x); "
+              f"flush after a run: <= {drain * 1000:.0f} ms (best of {a.rounds} rounds, {a.calls} misses, c={a.conc})")  # fmt: skip
     finally:
         server.terminate()
         server.wait()

@@ -77,7 +77,7 @@ class SqliteFile:
         self.path, self.schema, self.log, self.what, self.without = path, schema, log, what, without
         self.dropped = 0  # writes that were skipped: locked, full, unwritable
         self.off: str | None = None  # why this file is off for this process
-        self._lock = threading.Lock()  # the reader connection, rebuilds
+        self._lock = threading.RLock()  # the reader connection, rebuilds (re-entered by a read that rebuilds)
         self._reader: sqlite3.Connection | None = None
         self._gen = 0  # bumped by every rebuild: connections of an older generation are stale
         self._prepared = -1  # the generation whose file `private_file` made
@@ -289,8 +289,7 @@ class SqliteFile:
     def _rebuild(self, err: BaseException, gen: int) -> None:
         """Move the corrupt file aside and start a new one; once per generation (the reader and
         the writer may both see the same corruption)."""
-        # the reader path already holds the lock when it gets here
-        with self._lock if threading.current_thread() is self._thread else contextlib.nullcontext():
+        with self._lock:
             if gen != self._gen:
                 return
             aside = self.path.with_suffix(f".corrupt-{int(time.time())}")
@@ -345,7 +344,7 @@ def _after_fork_in_child() -> None:
         _forked_leftovers.append((f._reader, f._q))
         f._reader = None
         f._q = f._thread = None
-        f._lock = threading.Lock()
+        f._lock = threading.RLock()
         f._start_lock = threading.Lock()
         f._pending_lock = threading.Lock()
         f.pending = {}
