@@ -448,3 +448,10 @@ def test_images_are_in_the_cache_key_and_round_trip():
         {"type": "image", "data": PNG, "media_type": "image/png"},)
     with pytest.raises(dsrs.ConfigurationError):
         dsrs.Message.coerce({"role": "assistant", "content": LOOK["content"]})
+
+
+def test_codex_and_pylon_refuse_images():
+    for lm in (dsrs.CodexSdkLM(), dsrs.PylonLM.new_local()):
+        with pytest.raises(dsrs.UnsupportedFeatureError):
+            lm.request([LOOK])
+        assert lm.request("text is fine").messages[0].content == "text is fine"
