@@ -53,3 +53,41 @@ def test_key_from_env(monkeypatch, scripted):
     scripted.script(chat_reply("ok"))
     LM("groq/llama-3.1-8b-instant", base_url=scripted.url + "/v1")("hi")
     assert scripted.requests[0].headers["authorization"] == "Bearer gsk-env"
+
+
+async def test_a_key_echoed_in_band_never_leaves_in_an_error(scripted, fake_retry, monkeypatch):
+    """In-band errors (a 200 carrying {"error"}, an SSE error event, a body that is not JSON) pass the
+    same scrubbing as HTTP errors: one place, in the call path, whatever produced the error."""
+    echoes = [
+        (Reply(json={"error": {"message": f"bad key {CANARY}", "type": "server_error"}}), False),
+        (Reply(body=f"<html>proxy error for key {CANARY}</html>".encode()), False),
+        (Reply(json={"choices": [{"message": {"content": "x"}}], "usage": f"key {CANARY}"}), False),  # untyped crash
+        (Reply(sse=[{"error": {"message": f"stream died, key {CANARY}"}}]), True),
+    ]
+    for key_from_env in (False, True):
+        lm = LM("openai/gpt-4o", base_url=scripted.url + "/v1", retry_policy=fake_retry)
+        if key_from_env:
+            monkeypatch.setenv("OPENAI_API_KEY", CANARY)
+        else:
+            lm = lm.with_api_key(CANARY)
+        for reply, stream in echoes:
+            scripted.script(reply)
+            with pytest.raises(dsrs.DsrsError) as e:
+                if stream:
+                    async for _ in lm.astream("hi"):
+                        pass
+                else:
+                    await lm.acall("hi")
+            texts = [str(e.value), repr(e.value), repr(e.value.args), e.value.message]
+            cause = e.value.__cause__
+            while cause is not None:
+                texts += [str(cause), repr(cause.args)]
+                cause = cause.__cause__
+            for t in texts:
+                assert CANARY not in t, (reply, t)
+
+
+def test_options_hide_secret_headers():
+    lm = LM("openai/gpt-4o", api_key=CANARY, headers={"X-Api-Key": CANARY, "Authorization": CANARY, "X-Trace": "t1"})
+    assert CANARY not in repr(lm.options) and lm.options["headers"]["X-Trace"] == "t1"
+    assert lm.options["headers"]["X-Api-Key"] == "**********"

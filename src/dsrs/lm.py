@@ -309,15 +309,18 @@ class BaseLM:
             if budgets:
                 c = await self._attempt(req, budgets)
             else:
-                c = self._priced(await self.backend.complete(req))
+                try:
+                    c = self._priced(await self.backend.complete(req))
+                except DsrsError:
+                    raise
+                except Exception as e:
+                    raise self._failed(e) from e
         except DsrsError as e:
             try:
                 c = await self._retry().run(lambda: self._attempt(req, budgets), e)
             except DsrsError as e2:
                 self._failed(e2)  # typed already: only scrubbed
                 raise
-        except Exception as e:
-            raise self._failed(e) from e
         c = self._finish(c, started)
         if key is not None:
             cache.put(key, c)  # type: ignore[union-attr]
