@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dsrs.errors import BudgetExceededError
+from dsrs.errors import APIConnectionError, BudgetExceededError, ConfigurationError
 from dsrs.redis_state import RedisBudget, RedisState
 from redis_fixture import RedisServer
 
@@ -149,6 +149,21 @@ def test_redis_rolled_back_to_an_old_snapshot_is_refused() -> None:
                 billed += 250
         assert billed <= 10_000
         assert a.lost and "snapshot" in a.lost
+    finally:
+        srv.kill()
+
+
+def test_restore_without_redis_and_bad_options_are_typed_errors() -> None:
+    srv = RedisServer.start()
+    try:
+        (b,) = _pair(srv, 10_000)[:1]
+        for bad in ({"outage_msats": -1}, {"outage_msats": 1.5}, {"lease_s": 0}):
+            with pytest.raises(ConfigurationError):
+                RedisBudget(b.state, "b", 10_000, **bad)
+        srv.stop()
+        with pytest.raises(APIConnectionError) as ei:
+            b.restore(0)
+        assert ei.value.code == "redis_unavailable" and "Redis is unreachable" in str(ei.value)
     finally:
         srv.kill()
 

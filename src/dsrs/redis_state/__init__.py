@@ -9,10 +9,11 @@ trip) and whether Redis answered last time. Everything else takes a `RedisState`
   reserve/settle/release are atomic across processes with exactly `Budget`'s rules (hard/soft,
   unpriced, settle to the actual cost, unknown cost keeps the reservation). Redis down:
   `on_down="fail_closed"` (default) refuses every call with `BudgetExceededError` code
-  `budget_unavailable`; `on_down="local"` books on an in-process `Budget` holding what was left at
-  the last answer from Redis; when Redis answers again, what was spent and is still reserved
-  in-process goes to Redis in one script before Redis books anything else. A reservation whose
-  settle cannot reach Redis stays reserved there (never lost in the budget's favour).
+  `budget_unavailable`; `on_down="local"` books in-process on this process's outage allowance,
+  which Redis held for it while it answered; when Redis answers again, what was spent and is
+  still reserved in-process, and every settle Redis missed, go to Redis in one script before
+  Redis books anything else. Books that Redis lost (restarted empty or from an old snapshot) are
+  refused until `restore()`d. See `dsrs.redis_state.budget` for what survives a restart.
 - `RateLimiter`: requests per minute per name (fixed one-minute windows, `INCR` + `EXPIRE`);
   Redis down: counted in this process instead.
 - `RedisLedger`: the usage ledger (`ledger.Ledger`'s record/rows/summary) on a Redis stream.

@@ -45,7 +45,7 @@ import uuid
 from typing import Any
 
 from ..budget import Budget, Reservation
-from ..errors import BudgetExceededError, ConfigurationError
+from ..errors import APIConnectionError, BudgetExceededError, ConfigurationError
 from .state import RedisState
 
 log = logging.getLogger("dsrs.redis")
@@ -197,8 +197,10 @@ class RedisBudget(Budget):
             raise ConfigurationError(f"unknown on_down {on_down!r} for budget {name!r}", hint="use " + " or ".join(ON_DOWN))
         if not name:
             raise ConfigurationError("a Redis budget needs a name (its key in Redis)")
-        if outage_msats is not None and (isinstance(outage_msats, bool) or not isinstance(outage_msats, int) or outage_msats < 0):
-            raise ConfigurationError(f"outage_msats must be a non-negative int, got {outage_msats!r}")
+        if outage_msats is not None and (isinstance(outage_msats, bool) or not isinstance(outage_msats, int)
+                                         or outage_msats < 0):  # fmt: skip
+            raise ConfigurationError(f"outage_msats must be a non-negative int of msats, got {outage_msats!r}",
+                                     hint="e.g. outage_msats=limit_msats // 10 (the default with on_down=\"local\")")  # fmt: skip
         if not lease_s > 0:
             raise ConfigurationError(f"lease_s must be positive, got {lease_s!r}")
         super().__init__(limit_msats, name=name, **kw)
@@ -277,7 +279,14 @@ class RedisBudget(Budget):
             raise ConfigurationError(f"restore needs a non-negative int of msats spent, got {spent_msats!r}")
         epoch = uuid.uuid4().hex
         script = self.state.script("budget_restore", _RESTORE)
-        self.state.call(lambda: script(keys=self._keys, args=self._args(epoch) + [spent_msats]))
+        try:
+            self.state.call(lambda: script(keys=self._keys, args=self._args(epoch) + [spent_msats]))
+        except self.state.errors:
+            raise APIConnectionError(
+                f"cannot write the books of {self._label()}: Redis is unreachable",
+                code="redis_unavailable",
+                hint="bring Redis back, then restore() or reset() again",
+            ) from None
         log.warning("budget %r: books restored in Redis with %d msats spent", self.name, spent_msats)
 
     def __repr__(self) -> str:
