@@ -103,6 +103,23 @@ def test_a_write_lock_held_elsewhere_skips_the_write_with_one_warning(tmp_path, 
     assert _connect(path).execute("SELECT count(*) FROM answers").fetchone() == (2,)
 
 
+def test_a_locked_ledger_is_not_moved_aside_and_reading_it_raises_a_typed_error(tmp_path, short_locks):
+    path = tmp_path / "ledger.sqlite3"
+    Ledger(path).record(completion())
+    Ledger(path).close()
+    holder = _connect(path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(dsrs.DsrsError, match="could not read the usage ledger") as e:
+            Ledger(path).rows()
+        assert e.value.code == "SQLITE_BUSY" and "try again" in str(e.value)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert moved_aside(tmp_path) == [] and len(Ledger(path).rows()) == 1
+
+
 # -- full is not corrupt --------------------------------------------------------------------------
 
 

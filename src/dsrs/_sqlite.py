@@ -143,7 +143,7 @@ class SqliteFile:
                 if self._reader is None:
                     self._reader = self._connect(self.write_timeout)
                 return fn(self._reader)
-            except sqlite3.Error as e:
+            except (sqlite3.Error, OSError) as e:
                 if kind(e) != CORRUPT:
                     raise
                 self._failed(e, "read", gen)
@@ -336,8 +336,8 @@ def _install_hooks() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _registry_lock
-    _registry_lock = threading.Lock()
+    global _registry_lock, _hooks_lock
+    _registry_lock, _hooks_lock = threading.Lock(), threading.Lock()
     for f in list(_files):
         # the parent's thread does not exist here, and its connections must not be used or closed
         # in the child (https://sqlite.org/howtocorrupt.html#fork); what it queued is the parent's

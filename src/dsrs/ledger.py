@@ -122,7 +122,7 @@ class Ledger:
             return []
         try:
             return self.file.read_or_raise(lambda db: db.execute(q, (since or 0,)).fetchall(), [])
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise DsrsError(f"could not read the usage ledger {self.path}: {e}",
                             code=getattr(e, "sqlite_errorname", None),
                             hint="another program may hold it locked; try again, or set DSRS_CACHE_DIR") from None  # fmt: skip
