@@ -21,7 +21,7 @@ import sys
 import threading
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dsrs
@@ -273,9 +273,9 @@ _json = st.recursive(
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None)
 @given(field=st.sampled_from(sorted(GOOD) + ["usage." + k for k in sorted(GOOD["usage"])]), value=_json)
-def test_any_row_is_a_well_typed_hit_or_a_miss(tmp_path, field, value):
+def test_any_row_is_a_well_typed_hit_or_a_miss(field, value):
     """Whatever another program put in a row: never an exception, never a badly typed answer."""
     row = json.loads(json.dumps(GOOD))
     if field.startswith("usage."):
