@@ -55,6 +55,7 @@ log = logging.getLogger("dsrs.redis")
 # ARGV[1..8]: epoch known ('' none), seq known, epoch to create, owner, lease ms, limit,
 # allowance target, op. Returns early {'lost', why} when the books are not the ones this client knew.
 _PRELUDE = """
+if redis.replicate_commands then redis.replicate_commands() end  -- TIME before writes on Redis < 5
 local B, O, L, S = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local known, owner, lease = ARGV[1], ARGV[4], tonumber(ARGV[5])
 local limit, target = tonumber(ARGV[6]), tonumber(ARGV[7])
