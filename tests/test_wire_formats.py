@@ -448,6 +448,10 @@ def test_images_are_in_the_cache_key_and_round_trip():
         {"type": "image", "data": PNG, "media_type": "image/png"},)
     with pytest.raises(dsrs.ConfigurationError):
         dsrs.Message.coerce({"role": "assistant", "content": LOOK["content"]})
+    # text parts of every spelling still join into plain text, with no parts kept
+    said = dsrs.Message.coerce({"role": "assistant", "content": [{"type": "output_text", "text": "a ", "annotations": []},
+                                                                 {"type": "text", "text": "cat"}]})  # fmt: skip
+    assert (said.content, said.parts) == ("a cat", ())
 
 
 def test_codex_and_pylon_refuse_images():

@@ -111,7 +111,7 @@ class Message:
         kind = p.get("type", "text" if "text" in p else None) if isinstance(p, dict) else None
         if isinstance(p, str):
             return _image(p)
-        if kind in ("text", "input_text") and isinstance(p.get("text"), str):
+        if kind in ("text", "input_text", "output_text") and isinstance(p.get("text"), str):
             return {"type": "text", "text": p["text"]}
         if kind == "image_url":  # OpenAI chat
             iu = p.get("image_url")
