@@ -121,6 +121,7 @@ def test_redis_restarted_empty_refuses_until_the_books_are_restored() -> None:
             assert ei.value.code == "budget_unavailable" and "restore" in (ei.value.hint or "")
         assert a.available_msats == 0 and a.lost and "restarted empty" in a.lost
         a.restore(8_000)  # the operator, from the providers' bills
+        assert b.available_msats == 2_000 and b.lost is None  # seen before any booking (LaneMux asks this first)
         with pytest.raises(BudgetExceededError) as ei:
             b.reserve(2_001)
         assert ei.value.code == "budget_exceeded"

@@ -237,10 +237,12 @@ class RedisBudget(Budget):
         except (_Lost, *self.state.errors):
             return dict(self._last)
         epoch = raw.get("epoch")
-        if raw.get("lost") or (self._epoch and epoch != self._epoch and raw.get("restored") != epoch):
-            with self._sync_lock:  # not the books this client knew: the next booking script says why
+        with self._sync_lock:  # the check the scripts make (a script says why, at the next booking)
+            if raw.get("lost") or (self._epoch and epoch != self._epoch and raw.get("restored") != epoch) or (
+                    self._epoch and epoch == self._epoch and int(raw.get("seq", 0)) < self._seq):  # fmt: skip
                 self._lost = self._lost or raw.get("lost") or "the books in Redis are not the ones this process knew"
-            return dict(self._last)
+                return dict(self._last)
+            self._lost = None  # restored since (or never lost): availability shows it before the next booking
         self._last = {f: int(raw.get(f, 0)) for f in _FIELDS}
         return dict(self._last)
 
