@@ -299,7 +299,7 @@ async def test_capability_filters(srv, fake_retry):
     m = (LaneMux().add_lane("notools", lane_lm(a), tools=False)
          .add_lane("deepseek", LM("deepseek/deepseek-chat").with_base_url(b.url).with_api_key("k"))
          .add_lane("any", lane_lm(c)))  # fmt: skip
-    out = await m.acall("hi", tools=[dsrs.Tool("f")], response_format={"type": "json_schema", "json_schema": {}})
+    out = await m.acall("hi", tools=[dsrs.Tool("f")], response_format={"type": "json_schema", "json_schema": {"name": "o", "schema": {"type": "object"}}})
     assert out.route.lane == "any"
     assert out.route.skipped == {"notools": "does not support tools",
                                  "deepseek": "does not support structured (JSON-schema) output"}  # fmt: skip
