@@ -169,6 +169,25 @@ def test_restore_without_redis_and_bad_options_are_typed_errors() -> None:
         srv.kill()
 
 
+def test_a_raising_on_soft_limit_releases_the_redis_reservation() -> None:
+    """As in-process: the callback stopped the call, so nothing was sent and nothing stays booked
+    (the old code left the reservation open in Redis for good)."""
+    srv = RedisServer.start()
+    try:
+
+        def stop(budget: Any, needed: int) -> None:
+            raise RuntimeError("over the soft limit: stop")
+
+        (b,) = _pair(srv, 1_000, soft=True, on_soft_limit=stop)[:1]
+        b.reserve(800).settle(800)
+        with pytest.raises(RuntimeError):
+            b.reserve(500)
+        c = b.state_counts()
+        assert (c["spent"], c["reserved"], c["open"], c["released"]) == (800, 0, 0, 1)
+    finally:
+        srv.kill()
+
+
 class _Load:
     """Four threads per client book random calls; the upstream "bills" each call up to its worst case."""
 

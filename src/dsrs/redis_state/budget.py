@@ -401,9 +401,14 @@ class RedisBudget(Budget):
             ) from None
         if verdict in ("unpriced", "exceeded"):
             raise self._refusal(verdict, amount, n)
+        r = RedisReservation(self, amount, unpriced, rid)
         if n:
-            self._soft_limit(amount)
-        return RedisReservation(self, amount, unpriced, rid)
+            try:
+                self._soft_limit(amount)
+            except BaseException:  # the callback stopped the call: nothing is sent, nothing booked
+                r.release()
+                raise
+        return r
 
     def _finish(self, r: Reservation, spent: int | None) -> None:
         with self._sync_lock:
