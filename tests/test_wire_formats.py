@@ -459,3 +459,18 @@ def test_codex_and_pylon_refuse_images():
         with pytest.raises(dsrs.UnsupportedFeatureError):
             lm.request([LOOK])
         assert lm.request("text is fine").messages[0].content == "text is fine"
+
+
+async def test_a_lane_mux_takes_a_pydantic_response_format(scripted, fake_retry):
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        city: str
+
+    scripted.script(chat_reply('{"city": "Paris"}'))
+    mux = dsrs.LaneMux().add_lane("deepseek", LM("deepseek/deepseek-chat", base_url=scripted.url, api_key=KEY)) \
+        .add_lane("openai", _openai(scripted, fake_retry))  # fmt: skip
+    out = await mux.acall("Capital of France?", response_format=Answer)
+    assert out.route.lane == "openai" and out.route.skipped == {
+        "deepseek": "does not support structured (JSON-schema) output"}
+    assert scripted.requests[0].json["response_format"]["json_schema"]["schema"] == Answer.model_json_schema()

@@ -92,6 +92,7 @@ class Lane:
         """Why this lane cannot do the request at all (capability filters). `opts`: the request
         options the call sets; `request()` builds the whole request when the check needs it."""
         tools, rf = opts.get("tools"), opts.get("response_format") or {}
+        rf = {"type": "json_schema"} if isinstance(rf, type) else rf  # a pydantic model class (see convert)
         if not (tools or rf or stream or self.context_window):
             return None
         if tools and not self.can("tools"):
