@@ -113,6 +113,7 @@ local function allowance()  -- this process's outage allowance, resized to what 
   local own = tonumber(redis.call('HGET', O, mine) or '0')
   local back = redis.call('HGET', S, mine)
   if back then redis.call('HDEL', S, mine); add('spent', -tonumber(back)) end
+  if target == 0 and own == 0 then return 0 end
   local free = limit - num('spent') - num('reserved') - (num('held') - own)
   local new = math.max(0, math.min(target, free))
   add('held', new - own)
