@@ -474,3 +474,16 @@ async def test_a_lane_mux_takes_a_pydantic_response_format(scripted, fake_retry)
     assert out.route.lane == "openai" and out.route.skipped == {
         "deepseek": "does not support structured (JSON-schema) output"}
     assert scripted.requests[0].json["response_format"]["json_schema"]["schema"] == Answer.model_json_schema()
+
+
+@pytest.mark.parametrize("after, sleeps_wanted, attempts", [("90", [90.0], 2), ("300", [], 1)])
+async def test_a_lane_mux_retries_a_5xx_as_openai_python_does(scripted, fake_retry, sleeps, after, sleeps_wanted,
+                                                              attempts):  # fmt: skip
+    scripted.script(Reply(503, json={"error": {"message": "busy", "type": "server_error"}},
+                          headers={"retry-after": after}), chat_reply("ok"))  # fmt: skip
+    mux = dsrs.LaneMux().with_options(retry_policy=fake_retry).add_lane("openai", _openai(scripted, fake_retry))
+    try:
+        await mux.acall("hi")
+    except dsrs.DsrsError:
+        pass
+    assert sleeps == sleeps_wanted and len(scripted.requests) == attempts

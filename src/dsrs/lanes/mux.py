@@ -48,6 +48,7 @@ from ..errors import (
     UnsupportedFeatureError,
 )
 from ..lm import _REQUEST_FIELDS, BaseLM, Input
+from ..retry import should_retry
 from ..types import Completion, Request, StreamEnd
 from . import policy as policies
 from .circuit import CircuitBreaker
@@ -232,10 +233,8 @@ class LaneMux(BaseLM):
                 action, wait = "fallback", 0.0
         else:
             lane.circuit.failure()
-            decision = getattr(e, "should_retry", None)
-            retry = e.retryable if decision is None else decision
-            if retry and n < lane.max_retries and spare:
-                action, wait = "retry", pol.delay(n, getattr(e, "retry_after", None))
+            if should_retry(e) and n < lane.max_retries and spare:  # the provider's own SDK rule (dsrs.retry)
+                action, wait = "retry", pol.delay(n, getattr(e, "retry_after", None), e.provider)
             else:
                 action, wait = "fallback", 0.0
         if left <= 0 or (action == "fallback" and not queue):
