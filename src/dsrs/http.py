@@ -374,7 +374,7 @@ async def sse_events(ep: Endpoint, body: Mapping[str, Any]) -> AsyncIterator[tup
 # `-3` tokens, `1e308`. Decoders pass what they built through these two checks, so a wrong type
 # is a ResponseFormatError (billed, outcome unknown) and never a Completion that lies.
 _COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
-           "cache_write_tokens")  # fmt: skip
+           "cache_write_tokens", "cache_write_1h_tokens")  # fmt: skip
 
 
 def _bad(what: str, v: Any, provider: str, model: str) -> errors.ResponseFormatError:
@@ -395,8 +395,9 @@ def delta(v: Any, provider: str, model: str) -> str:
 
 def checked(c: Any) -> Any:
     """The decoded `Completion` itself when its fields have their types (text str, tool calls with
-    str id/name and dict arguments, token counts non-negative ints; an integral float such as
-    `12.0` becomes 12), else a ResponseFormatError naming the field."""
+    str id/name and dict arguments, token counts non-negative ints below 2**53, cached and written
+    tokens within the prompt's; an integral float such as `12.0` becomes 12), else a
+    ResponseFormatError naming the field."""
     p, m = c.provider, c.model
     if type(c.text) is not str:
         raise _bad("text", c.text, p, m)
@@ -414,6 +415,11 @@ def checked(c: Any) -> Any:
             setattr(u, f, int(v))
             continue
         raise _bad(f"usage {f}", v, p, m)
-    if not (u.cost_msats is None or type(u.cost_msats) is int):
+    if u.cached_tokens + u.cache_write_tokens > u.prompt_tokens:  # priced as parts of the prompt
+        raise errors.ResponseFormatError(
+            f"the answer's usage has {u.cached_tokens} cached and {u.cache_write_tokens} cache-write tokens in a"
+            f" prompt of {u.prompt_tokens}: they are parts of it", provider=p, model=m, status=200,
+        )  # fmt: skip
+    if not (u.cost_msats is None or (type(u.cost_msats) is int and u.cost_msats >= 0)):
         raise _bad("cost", u.cost_msats, p, m)
     return c
