@@ -103,15 +103,25 @@ async def test_ollama_stream_with_a_long_line_and_non_utf8_bytes(scripted_server
 
 
 async def test_a_connection_reset_mid_stream_is_a_typed_connection_error(scripted_server: ScriptedServer) -> None:
-    chunk = {"choices": [{"index": 0, "delta": {"content": "partial"}}]}
-    scripted_server.script(Reply(sse=[chunk, chunk], cut=True))
-    lm = LM("openai/gpt-4o-mini", api_key="sk-test", base_url=scripted_server.url + "/v1", retries=0)
+    ep = _ep(scripted_server)
+    scripted_server.script(Reply(sse=[{"a": 1}, {"b": 2}], cut=True))
+    with pytest.raises(errors.APIConnectionError) as e:
+        await _events(ep)
+    assert not isinstance(e.value, errors.TimeoutError) and "sk-secret" not in str(e.value)
+    scripted_server.script(Reply(ndjson=[{"a": 1}, {"b": 2}], cut=True))
+    with pytest.raises(errors.APIConnectionError):
+        await _lines(ep)
+
+
+async def test_a_stall_mid_stream_is_a_typed_timeout(scripted_server: ScriptedServer) -> None:
+    ep = http.Endpoint(url=scripted_server.url + "/v1/stream", headers={}, provider="openai", model="m",
+                       read_timeout=0.2)  # fmt: skip
+    scripted_server.script(Reply(sse=[{"a": 1}, {"b": 2}], chunk_delay=60))  # stalls after the first event
     got: list[Any] = []
-    with pytest.raises(errors.DsrsError) as e:
-        async for x in lm.astream("hi"):
-            got.append(x)
-    assert isinstance(e.value, (errors.APIConnectionError, errors.ResponseFormatError))
-    assert "sk-test" not in str(e.value)
+    with pytest.raises(errors.TimeoutError):
+        async for ev in http.sse_events(ep, {}):
+            got.append(ev)
+    assert got == [(None, '{"a": 1}')]
 
 
 # -- the splitter, every chunk boundary -------------------------------------------------------------
