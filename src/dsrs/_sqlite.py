@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import logging
 import os
 import queue
@@ -72,6 +73,7 @@ class SqliteFile:
     read_timeout = 0.5  # seconds a read waits for another process's lock (it runs on the caller's thread)
     write_timeout = 10.0  # seconds a batch waits for another process's write lock (on the writer thread)
     warn_every = 60.0  # seconds between two warnings about a locked file
+    linger = 0.02  # seconds the writer waits for more rows after the first: fewer commits and thread switches
 
     def __init__(self, path: Path, schema: tuple[str, ...], log: logging.Logger, what: str, without: str) -> None:
         self.path, self.schema, self.log, self.what, self.without = path, schema, log, what, without
@@ -179,7 +181,9 @@ class SqliteFile:
         gen = -1
         while True:
             batch = [q.get()]
-            while len(batch) < 2000:
+            if isinstance(batch[0], tuple):
+                time.sleep(self.linger)  # let a batch gather: one wake-up and one commit for many rows
+            while len(batch) < 5000:
                 try:
                     batch.append(q.get_nowait())
                 except queue.Empty:
@@ -209,8 +213,8 @@ class SqliteFile:
                         db = self._connect(self.write_timeout)
                     db.execute("BEGIN IMMEDIATE")
                     try:
-                        for sql, params, _, _ in rows:
-                            db.execute(sql, params)
+                        for sql, group in itertools.groupby(rows, key=lambda r: r[0]):
+                            _insert_many(db, sql, [params for _, params, _, _ in group])
                         db.execute("COMMIT")
                     except BaseException:
                         if db.in_transaction:
@@ -308,6 +312,17 @@ class SqliteFile:
             self._gen += 1
         self.log.warning("%s %s is unreadable (%s); moved it to %s and started a new one", self.what, self.path,
                          getattr(err, "sqlite_errorname", None) or err, aside)  # fmt: skip
+
+
+def _insert_many(db: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """`INSERT ... VALUES (?, ...)` for many rows in a few statements of many VALUES each: one
+    statement releases and retakes the GIL once, `executemany` once per row (and every time, the
+    event loop's thread is made to wait for it)."""
+    head, one = sql.rsplit(" VALUES ", 1)
+    per = max(1, 900 // (one.count("?") or 1))  # SQLite allows at least 999 parameters a statement
+    for i in range(0, len(rows), per):
+        chunk = rows[i : i + per]
+        db.execute(f"{head} VALUES {', '.join([one] * len(chunk))}", [p for row in chunk for p in row])
 
 
 def shared(path: Path, schema: tuple[str, ...], log: logging.Logger, what: str, without: str) -> SqliteFile:
