@@ -238,6 +238,25 @@ def test_redis_dying_mid_run_fails_closed_and_health_says_so(scripted: Any) -> N
         srv.kill()
 
 
+def test_redis_restarted_empty_refuses_and_health_says_the_books_are_lost(scripted: Any) -> None:
+    srv = RedisServer.start()
+    gw = InProcessGateway(_doc(scripted, srv))
+    try:
+        scripted.script(default=chat_reply("ok", prompt_tokens=5, completion_tokens=10))
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+        client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "a"}], max_tokens=20)
+        srv.restart()  # empty: what was spent is gone from Redis
+        with pytest.raises(openai.APIStatusError) as ei:
+            client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "b"}], max_tokens=20)
+        assert ei.value.code == "budget_unavailable" and len(scripted.requests) == 1  # refused before sending
+        status, health = get(gw.url + "/health")
+        assert status == 503 and health["status"] == "degraded" and health["budget_mode"] == "books_lost"
+        assert health["redis"]["up"] is True and "shared" in health["budgets_lost"]
+    finally:
+        gw.close()
+        srv.kill()
+
+
 def test_redis_dying_with_on_down_local_books_in_process(scripted: Any) -> None:
     srv = RedisServer.start()
     gw = InProcessGateway(_doc(scripted, srv, on_down="local"))

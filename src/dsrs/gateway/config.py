@@ -10,7 +10,10 @@ budget = "global"              # a budget every call books on (optional)
 
 [redis]                        # optional; also DSRS_REDIS_URL. Without it: memory + SQLite, in-process budgets
 url = "redis://127.0.0.1:6379/0"
-on_down = "fail_closed"        # budgets while Redis is unreachable: "fail_closed" or "local"
+on_down = "fail_closed"        # budgets while Redis is unreachable or has lost its books: "fail_closed", or
+                               # "local" (each process books on an outage allowance Redis held for it)
+                               # run Redis with appendonly yes (appendfsync always): a Redis that restarts
+                               # empty is refused until the books are restored (RedisBudget.restore)
 cache_ttl_s = 604800
 
 [cache]

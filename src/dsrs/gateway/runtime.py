@@ -152,11 +152,16 @@ class Runtime:
             mode = "shared"
         else:
             mode = "fail_closed" if self.cfg.on_down == "fail_closed" else "local_fallback"
+        lost = {name: why for name, b in self.budgets.items() if (why := getattr(b, "lost", None))}
+        if lost and redis_up:
+            mode = "books_lost"  # Redis came back without the books: those budgets refuse until restored
         d: dict[str, Any] = {
-            "status": "degraded" if mode == "fail_closed" else "ok",
+            "status": "degraded" if mode in ("fail_closed", "books_lost") else "ok",
             "redis": None if self.redis is None else {"up": redis_up, "error": None if redis_up else self.redis.last_error},
             "budget_mode": mode,
             "on_redis_down": self.cfg.on_down,
             "models": list(self.routes),
         }
+        if lost:
+            d["budgets_lost"] = lost
         return d
