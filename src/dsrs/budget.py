@@ -151,7 +151,7 @@ def estimate_prompt_tokens(req: Request) -> int:
     return n
 
 
-IMAGE_TOKENS = 6_400  # an upper bound for one image part (OpenAI high detail at 2048 x 2048 is 1,105)
+IMAGE_TOKENS = 8_192  # an upper bound for one image part (OpenAI high detail: at most 1,105; Anthropic ~1,600; Gemini 2.x tiles of 258 up to 3072 x 3072: 4,128)
 
 
 def _part_tokens(part: Any) -> int:
