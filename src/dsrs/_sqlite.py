@@ -73,7 +73,8 @@ class SqliteFile:
     read_timeout = 0.5  # seconds a read waits for another process's lock (it runs on the caller's thread)
     write_timeout = 10.0  # seconds a batch waits for another process's write lock (on the writer thread)
     warn_every = 60.0  # seconds between two warnings about a locked file
-    linger = 0.02  # seconds the writer waits for more rows after the first: fewer commits and thread switches
+    linger = 0.05  # seconds the writer waits for more rows after the first (`flush` cuts it short): fewer
+    # commits, and fewer times the writer takes the GIL from the event loop's thread
 
     def __init__(self, path: Path, schema: tuple[str, ...], log: logging.Logger, what: str, without: str) -> None:
         self.path, self.schema, self.log, self.what, self.without = path, schema, log, what, without
@@ -88,6 +89,7 @@ class SqliteFile:
         self._q: queue.SimpleQueue[Any] | None = None
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._hurry = threading.Event()  # set by `flush`: the writer stops waiting for more rows
         self.pending: dict[Any, Any] = {}  # key -> value queued but not committed yet (see `write`)
         self._pending_lock = threading.Lock()
         _install_hooks()
@@ -182,7 +184,8 @@ class SqliteFile:
         while True:
             batch = [q.get()]
             if isinstance(batch[0], tuple):
-                time.sleep(self.linger)  # let a batch gather: one wake-up and one commit for many rows
+                self._hurry.wait(self.linger)  # let a batch gather: one wake-up and one commit for many rows
+                self._hurry.clear()
             while len(batch) < 5000:
                 try:
                     batch.append(q.get_nowait())
@@ -211,10 +214,15 @@ class SqliteFile:
                             db.close()
                         db, gen = None, self._gen
                         db = self._connect(self.write_timeout)
+                    stmts = [st for sql, group in itertools.groupby(rows, key=lambda r: r[0])
+                             for st in _insert_many(sql, [params for _, params, _, _ in group])]  # fmt: skip
+                    if len(stmts) == 1:  # one statement is its own transaction
+                        db.execute(*stmts[0])
+                        return db, gen
                     db.execute("BEGIN IMMEDIATE")
                     try:
-                        for sql, group in itertools.groupby(rows, key=lambda r: r[0]):
-                            _insert_many(db, sql, [params for _, params, _, _ in group])
+                        for st in stmts:
+                            db.execute(*st)
                         db.execute("COMMIT")
                     except BaseException:
                         if db.in_transaction:
@@ -245,6 +253,7 @@ class SqliteFile:
             return True
         done = threading.Event()
         q.put(done)
+        self._hurry.set()
         return done.wait(timeout)
 
     def close(self) -> None:
@@ -314,15 +323,14 @@ class SqliteFile:
                          getattr(err, "sqlite_errorname", None) or err, aside)  # fmt: skip
 
 
-def _insert_many(db: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
-    """`INSERT ... VALUES (?, ...)` for many rows in a few statements of many VALUES each: one
-    statement releases and retakes the GIL once, `executemany` once per row (and every time, the
-    event loop's thread is made to wait for it)."""
+def _insert_many(sql: str, rows: list[tuple[Any, ...]]) -> list[tuple[str, list[Any]]]:
+    """`INSERT ... VALUES (?, ...)` for many rows as a few statements of many VALUES each: a
+    statement releases and retakes the GIL once, `executemany` once per row (and each time the
+    writer takes the GIL back, the event loop's thread waits)."""
     head, one = sql.rsplit(" VALUES ", 1)
     per = max(1, 900 // (one.count("?") or 1))  # SQLite allows at least 999 parameters a statement
-    for i in range(0, len(rows), per):
-        chunk = rows[i : i + per]
-        db.execute(f"{head} VALUES {', '.join([one] * len(chunk))}", [p for row in chunk for p in row])
+    return [(f"{head} VALUES {', '.join([one] * len(rows[i : i + per]))}", [p for r in rows[i : i + per] for p in r])
+            for i in range(0, len(rows), per)]  # fmt: skip
 
 
 def shared(path: Path, schema: tuple[str, ...], log: logging.Logger, what: str, without: str) -> SqliteFile:
@@ -362,4 +370,5 @@ def _after_fork_in_child() -> None:
         f._lock = threading.RLock()
         f._start_lock = threading.Lock()
         f._pending_lock = threading.Lock()
+        f._hurry = threading.Event()
         f.pending = {}
