@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import _sqlite
-from ._sqlite import private_file  # noqa: F401 - kept importable from here
 from .types import Completion, CostSource, LmUsage, Request
 
 KEY_VERSION = 1
