@@ -373,3 +373,25 @@ def test_batched_writes_keep_order_and_the_last_value_of_a_key(tmp_path):
     assert [SqliteStore(tmp_path / "c.sqlite3").get(f"k{j}") for j in range(7)] == [
         {"i": max(i for i in range(500) if i % 7 == j)} for j in range(7)]
     assert [r.lane for r in led.rows()] == [f"lane{i}" for i in range(500)]
+
+
+def test_an_idle_writer_thread_ends_and_the_next_write_starts_another(tmp_path):
+    import gc
+
+    from dsrs import _sqlite
+
+    store = SqliteStore(tmp_path / "c.sqlite3")
+    store.file.idle_exit = 0.01  # this file only
+    store.put("a", {"n": 1})
+    first = store.file._thread
+    first.join(timeout=60)  # it ends by itself once idle (no files' threads pile up in a long process)
+    assert not first.is_alive() and store.file._thread is None
+    store.put("b", {"n": 2})
+    store.flush()
+    assert store.file._thread is not first
+    assert _connect(tmp_path / "c.sqlite3").execute("SELECT key FROM answers ORDER BY key").fetchall() == [("a",), ("b",)]
+    store.close()
+    where = os.path.abspath(tmp_path / "c.sqlite3")
+    del store, first
+    gc.collect()
+    assert where not in _sqlite._registry  # a file no store uses is let go, with its connections
