@@ -1,11 +1,13 @@
 """Cache-miss throughput with the SQLite cache on vs off (loopback only).
 
-    python bench/bench_cache_writes.py [--calls 2000] [--conc 16]
+    python bench/bench_cache_writes.py [--calls 2000] [--conc 16] [--rounds 3] [--dir /var/tmp]
 
-Starts bench/server.py (or tests/scripted.py without the bench extra), then runs N distinct prompts (every call a cache miss, so every call
-writes one row) through `LM("openai/bench")` at a fixed concurrency: once without a cache, once
-with `Cache(SqliteStore(<temp dir>))`. Prints calls/s for both. The figure that matters is the
-ratio: a cache write must not cost the event loop an fsync per call.
+Starts bench/server.py (or tests/scripted.py in its own process, without the bench extra), then
+runs N distinct prompts (every call a cache miss, so every call writes one row) through
+`LM("openai/bench")` at a fixed concurrency: without a cache, then with `Cache(SqliteStore(...))`
+in a temporary folder under --dir (put it on a real disk: fsync costs there, not on tmpfs).
+Prints calls/s for both, and the wall time the event loop's thread spent inside the cache's get
+and put per miss: a cache write must not cost the event loop an fsync per call.
 """
 
 from __future__ import annotations
