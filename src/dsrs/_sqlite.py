@@ -70,7 +70,8 @@ class SqliteFile:
     `schema`: statements run on every new connection (CREATE TABLE IF NOT EXISTS ...).
     `what`/`without`: words for the warnings ("the dsrs cache", "answers are not cached")."""
 
-    read_timeout = 0.5  # seconds a read waits for another process's lock (it runs on the caller's thread)
+    read_timeout = 0.1  # seconds a read waits for a lock: it runs on the caller's (event loop's) thread, and
+    # in WAL mode only a holder of an exclusive lock (or a crash recovery) makes readers wait
     write_timeout = 10.0  # seconds a batch waits for another process's write lock (on the writer thread)
     warn_every = 60.0  # seconds between two warnings about a locked file
     idle_exit = 30.0  # seconds without writes after which the writer thread closes its connection and ends
