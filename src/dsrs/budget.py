@@ -292,13 +292,7 @@ class Budget:
         if refused:
             raise self._refusal(refused, amount, left)
         r = Reservation(self, amount, unpriced)
-        if over:
-            try:
-                self._soft_limit(amount)
-            except BaseException:  # the callback stopped the call: nothing is sent, nothing booked
-                r.release()
-                raise
-        return r
+        return self._over_soft_limit(r) if over else r
 
     def _refusal(self, verdict: str, amount: int, left: int) -> BudgetExceededError:
         """The error for a refused reservation: `verdict` "unpriced" or "exceeded" (`left` msats left)."""
@@ -319,11 +313,18 @@ class Budget:
             hint="raise the limit, lower max_tokens, or use a cheaper lane",
         )
 
-    def _soft_limit(self, needed: int) -> None:
-        if self.on_soft_limit is not None:
-            self.on_soft_limit(self, needed)
-        else:
-            log.warning("%s is over its soft limit (call needs up to %d msats)", self._label(), needed)
+    def _over_soft_limit(self, r: Reservation) -> Reservation:
+        """Tell `on_soft_limit` (default: a warning); a callback that raises stops the call before
+        anything is sent, and nothing stays booked."""
+        try:
+            if self.on_soft_limit is not None:
+                self.on_soft_limit(self, r.amount)
+            else:
+                log.warning("%s is over its soft limit (call needs up to %d msats)", self._label(), r.amount)
+        except BaseException:
+            r.release()
+            raise
+        return r
 
     def _finish(self, r: Reservation, spent: int | None) -> None:
         with self._lock:

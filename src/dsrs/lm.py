@@ -352,12 +352,18 @@ class BaseLM:
         try:
             return agen, hold, await agen.__anext__()
         except BaseException as e:
-            err = self._failed(_ended(e))
-            hold.fail(err)
-            await _close(agen)
+            err = await self._abort(hold, agen, e)
             if err is e:
                 raise
             raise err from e
+
+    async def _abort(self, hold: Hold, agen: Any, e: BaseException) -> BaseException:
+        """A stream failed (or its consumer left) with `e`: book what may have been billed, close the
+        provider's stream, and return the error to raise."""
+        err = self._failed(_ended(e))
+        hold.fail(err)
+        await _close(agen)
+        return err
 
     async def astream(self, prompt: Input, **overrides: Any) -> AsyncIterator[str | StreamEnd]:
         """Text deltas as they arrive, then one `StreamEnd` holding the completion and usage.
@@ -388,9 +394,7 @@ class BaseLM:
             c = self._priced(item)
             hold.settle(c.usage)
         except BaseException as e:  # an abandoned stream (GeneratorExit, cancellation) included
-            err = self._failed(_ended(e))
-            hold.fail(err)
-            await _close(agen)
+            err = await self._abort(hold, agen, e)
             if err is e:
                 raise
             raise err from e

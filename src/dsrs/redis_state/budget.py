@@ -403,13 +403,7 @@ class RedisBudget(Budget):
         if verdict in ("unpriced", "exceeded"):
             raise self._refusal(verdict, amount, n)
         r = RedisReservation(self, amount, unpriced, rid)
-        if n:
-            try:
-                self._soft_limit(amount)
-            except BaseException:  # the callback stopped the call: nothing is sent, nothing booked
-                r.release()
-                raise
-        return r
+        return self._over_soft_limit(r) if n else r
 
     def _finish(self, r: Reservation, spent: int | None) -> None:
         with self._sync_lock:
