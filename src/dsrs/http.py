@@ -9,7 +9,7 @@ official OpenAI and Anthropic SDKs' cap; 0 means no cap); calls beyond it wait f
 connection (that wait is not part of any timeout). Set it before the loop's first call.
 
 Streams are read as raw bytes and split here, not by aiohttp's `readline` (which splits only on
-LF and refuses lines over 64 KiB). SSE follows the WHATWG event-stream rules: lines end in CRLF,
+LF and refuses a line longer than its read buffer, 512 KiB). SSE follows the WHATWG event-stream rules: lines end in CRLF,
 LF or a bare CR; bytes that are not UTF-8 become U+FFFD, as a browser's decoder does (the JSON
 inside then parses or fails as `ResponseFormatError`); a leading BOM is dropped; an event left
 without its closing blank line at the end of the stream is still delivered. NDJSON lines end in
