@@ -219,7 +219,7 @@ def test_ask_a_chat_model_prices_the_call(env, scripted):
     answer, usage = r.stdout.strip().splitlines()
     # gpt-4o-mini lists at 0.15 / 0.60 USD per Mtok: 1000 * 0.15 + 10 * 0.60 = 156 micro-USD = 156 msats at 1M msats/USD
     assert answer == "Paris"
-    assert usage == "[openai/gpt-4o-mini] tokens: 1000 prompt + 10 completion = 1010; cost: 156 msats"
+    assert usage == "[openai/gpt-4o-mini] tokens: 1000 prompt + 10 completion = 1010; cost: 156 msats ($0.000156)"
     (seen,) = scripted.requests
     assert seen.headers["authorization"] == "Bearer sk-cli-secret" and seen.json["max_completion_tokens"] == 64  # OpenAI's newer name
     assert seen.json["messages"][-1]["content"].startswith("[[ question ]]\nWhat is the capital of France?")

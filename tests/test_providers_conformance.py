@@ -473,7 +473,7 @@ COHERE = Wire(
         _co_ev("content-delta", index=0, delta={"message": {"content": {"text": "ris"}}}),
         _co_ev("content-end", index=0),
         _co_ev("message-end", delta={"finish_reason": "COMPLETE", "usage": _CO_USAGE})]),  # fmt: skip
-    usage=(20, 9, 29, 4, 0),
+    usage=(12, 9, 21, 4, 0),  # billed_units (what Cohere bills), not tokens
     tool_reply=Reply(json=_co({"tool_plan": "I will look up the weather.", "tool_calls": [_CO_CALL]}, "TOOL_CALL",
                               _CO_TOOL_USAGE)),  # fmt: skip
     tool_stream=Reply(sse=[

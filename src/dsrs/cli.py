@@ -63,7 +63,7 @@ async def _ask(args: argparse.Namespace) -> int:
         _out(result.answer)
     assert result is not None and result.completion is not None
     u, c = result.lm_usage, result.completion
-    cost = "unknown (no price for this model)" if u.cost_msats is None else f"{u.cost_msats} msats"
+    cost = "unknown (no price for this model)" if u.cost_msats is None else _msats(u.cost_msats)
     lane = f" lane {result.lane}" if result.lane else ""
     print(
         f"[{c.provider}/{c.model}{lane}] tokens: {u.prompt_tokens} prompt + {u.completion_tokens} completion"
@@ -75,6 +75,15 @@ async def _ask(args: argparse.Namespace) -> int:
 
 
 # -- doctor -----------------------------------------------------------------------------------
+def _msats(msats: int, unit: str = " msats") -> str:
+    """A cost as people read it: msats, and USD beside them when not free."""
+    if not msats:
+        return f"{msats}{unit}"
+    from .pricing import format_usd
+
+    return f"{msats}{unit} ({format_usd(msats)})"
+
+
 def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -276,7 +285,7 @@ async def _run(args: argparse.Namespace) -> int:
         out.close()
     _rewrite(args.output, list(done.values()) + written)  # in input order
     total = sum((r.lm_usage for r in results), LmUsage())
-    cost = "unknown" if total.cost_msats is None else f"{total.cost_msats} msats"
+    cost = "unknown" if total.cost_msats is None else _msats(total.cost_msats)
     print(f"{len(todo) - failed} answered, {len(rows) - len(todo)} skipped, {failed} failed;"
           f" tokens {total.total_tokens}; cost {cost}", file=sys.stderr, flush=True)  # fmt: skip
     if failed:
@@ -301,10 +310,10 @@ async def _usage(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for s in summary:
-        cost = f"{s.cost_msats}" + (f" (+{s.unknown_cost_calls} unknown)" if s.unknown_cost_calls else "")
+        cost = _msats(s.cost_msats, "") + (f" (+{s.unknown_cost_calls} unknown)" if s.unknown_cost_calls else "")
         rows.append((s.key, str(s.calls), str(s.prompt_tokens), str(s.completion_tokens), str(s.total_tokens), cost,
                      str(s.cache_hits)))  # fmt: skip
-    _out(_table((args.by, "calls", "prompt", "completion", "tokens", "cost msats", "cache hits"), rows))
+    _out(_table((args.by, "calls", "prompt", "completion", "tokens", "cost msats (USD)", "cache hits"), rows))
     if args.plot:
         try:
             import matplotlib

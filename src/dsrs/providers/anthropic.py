@@ -3,7 +3,9 @@
 System messages go to the top-level `system`; tool calls are `tool_use` blocks and tool results
 `tool_result` blocks in the next user turn. `max_tokens` is required: it defaults to 4096.
 Usage: Anthropic's `input_tokens` excludes cache reads and writes; `prompt_tokens` here is all
-three, `cached_tokens` the cache reads. The protocol has no seed and no schema-less JSON mode.
+three, `cached_tokens` the cache reads, `cache_write_tokens` the writes (`cache_write_1h_tokens`
+the part written for an hour, from `cache_creation.ephemeral_1h_input_tokens`). The protocol has
+no seed and no schema-less JSON mode.
 """
 
 from __future__ import annotations
@@ -105,10 +107,16 @@ def usage(u: dict[str, Any] | None) -> LmUsage:
         return LmUsage(calls=1, cost_msats=None, estimated=True)
     read = u.get("cache_read_input_tokens") or 0
     write = u.get("cache_creation_input_tokens") or 0
+    # cache_creation splits the writes by lifetime: 1-hour writes cost 2x input, 5-minute ones 1.25x
+    split = u.get("cache_creation") if isinstance(u.get("cache_creation"), dict) else {}
+    write_1h = split.get("ephemeral_1h_input_tokens") or 0
+    write_5m = split.get("ephemeral_5m_input_tokens") or 0
+    if not write and type(write_1h) is int and type(write_5m) is int:
+        write = write_1h + write_5m
     p = (u.get("input_tokens") or 0) + write + read
     c = u.get("output_tokens") or 0
     return LmUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, cached_tokens=read,
-                   cost_msats=None, calls=1, cache_write_tokens=write)  # fmt: skip
+                   cost_msats=None, calls=1, cache_write_tokens=write, cache_write_1h_tokens=write_1h)  # fmt: skip
 
 
 def decode(payload: Any, provider: str, model: str) -> Completion:

@@ -58,9 +58,11 @@ def encode(req: Request, stream: bool, provider: str) -> dict[str, Any]:
 
 
 def usage(u: dict[str, Any] | None) -> LmUsage:
+    """Counts from `billed_units`, what Cohere bills; `tokens` (which adds the prompt template and
+    other unbilled tokens) only when a server sends no billed units."""
     if not u:
         return LmUsage(calls=1, cost_msats=None, estimated=True)
-    t = u.get("tokens") or u.get("billed_units") or {}
+    t = u.get("billed_units") or u.get("tokens") or {}
     p = int(t.get("input_tokens") or 0)
     c = int(t.get("output_tokens") or 0)
     return LmUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,

@@ -75,18 +75,25 @@ def _tool_call(tc: dict[str, Any]) -> ToolCall:
 
 
 def usage(u: dict[str, Any] | None) -> LmUsage:
+    """OpenAI counts reasoning inside `completion_tokens`; xAI (and servers in front of Grok) count
+    it apart, with `total_tokens` = prompt + completion + reasoning. Both bill it as output, so
+    `completion_tokens` here always includes it: the total tells which convention the server used."""
     if not u:
         return LmUsage(calls=1, cost_msats=None, estimated=True)
     p = u.get("prompt_tokens") or 0
     c = u.get("completion_tokens") or 0
     pd = u.get("prompt_tokens_details") or {}
     cd = u.get("completion_tokens_details") or {}
+    r = (cd.get("reasoning_tokens") if isinstance(cd, dict) else None) or 0
+    total = u.get("total_tokens")
+    if r and type(r) is type(p) is type(c) is int and total == p + c + r:  # reasoning reported apart
+        c += r
     return LmUsage(
         prompt_tokens=p,
         completion_tokens=c,
-        total_tokens=u.get("total_tokens") or p + c,
-        cached_tokens=pd.get("cached_tokens") or 0,
-        reasoning_tokens=cd.get("reasoning_tokens") or 0,
+        total_tokens=total or p + c,
+        cached_tokens=(pd.get("cached_tokens") if isinstance(pd, dict) else None) or 0,
+        reasoning_tokens=r,
         cost_msats=None,
         calls=1,
     )
