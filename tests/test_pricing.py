@@ -131,6 +131,13 @@ def test_claude_sonnet_1m_context_pays_2x_input_and_1_5x_output_above_200k() -> 
     assert pricing.cost_msats("anthropic", "claude-opus-4-1", 250_000, 0) == 250_000 * 15  # no long tier there
 
 
+def test_grok_4_doubles_above_128k_prompt_tokens() -> None:
+    # grok-4: 3 / 15 (0.75 cached) up to 128k prompt tokens, 6 / 30 (1.50 cached) above
+    assert pricing.cost_msats("xai", "grok-4-0709", 128_000, 1_000) == 128_000 * 3 + 1_000 * 15
+    # 128,000 * 6 + 1 * 1.5 + 1,000 * 30 = 798,001.5 micro-USD, rounded up to a whole msat
+    assert pricing.cost_msats("xai", "grok-4", 128_001, 1_000, cached=1) == 798_002
+
+
 async def test_a_long_gemini_call_is_billed_at_the_long_tier(scripted: Any) -> None:
     body = {"candidates": [{"content": {"role": "model", "parts": [{"text": "ok"}]}, "finishReason": "STOP"}],
             "usageMetadata": {"promptTokenCount": 250_000, "candidatesTokenCount": 100, "thoughtsTokenCount": 900,
