@@ -374,3 +374,14 @@ async def test_the_pool_of_a_new_loop_has_the_cap(monkeypatch: pytest.MonkeyPatc
         assert http.session().connector.limit == 17
     finally:
         await http.aclose()
+
+
+async def test_a_bad_connection_setting_is_reported_as_such_by_every_request(
+    scripted_server: ScriptedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DSRS_MAX_CONNECTIONS", "many")
+    await http.aclose()
+    ep = _ep(scripted_server)
+    for call in (http.get_json(ep), http.post_json(ep, {}), _events(ep), _lines(ep)):
+        with pytest.raises(errors.ConfigurationError, match="DSRS_MAX_CONNECTIONS"):
+            await call

@@ -236,6 +236,8 @@ async def get_json(ep: Endpoint) -> Any:
             if resp.status >= 400:
                 await _raise_for(resp, ep)
             return loads(await resp.read())
+    except errors.DsrsError:  # typed already (a ConfigurationError is also a ValueError)
+        raise
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
         raise _transport_error(e, ep) from None
     except ValueError:
