@@ -277,7 +277,10 @@ class LmUsage:
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> LmUsage:
-        d = {k: v for k, v in d.items() if k in _USAGE_FIELDS}  # a newer writer's extra fields are dropped
+        if not _USAGE_FIELDS.issuperset(d):  # a newer writer's extra fields are dropped
+            d = {k: v for k, v in d.items() if k in _USAGE_FIELDS}
+        else:
+            d = dict(d)
         if d.get("cost_source"):
             d["cost_source"] = CostSource(d["cost_source"])
         return LmUsage(**d)
