@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     APIConnectionError,
@@ -30,6 +30,19 @@ from .settings import configure, configure_with_adapter, context
 from .types import Completion, CostSource, LmUsage, Message, Request, StreamEnd, Tool, ToolCall
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers and IDEs (nothing is imported at run time)
+    from . import settings
+    from .budget import Budget
+    from .cache import Cache
+    from .codex_sdk import CodexSdkLM
+    from .lanes import LaneMux
+    from .ledger import usage
+    from .lm import LM, BaseLM
+    from .predict import (Adapter, AdapterParseError, ChatAdapter, CompletionAdapter, InputField, JSONAdapter,
+                          OutputField, Predict, Prediction, Signature)  # fmt: skip
+    from .pylon import PylonLM
+    from .retry import RetryPolicy
 
 # name -> module; resolved on first attribute access (PEP 562) so imports stay light.
 _LAZY = {
@@ -68,4 +81,5 @@ __all__ = [
     "TimeoutError", "Tool", "ToolCall", "UnknownProviderError", "UnsupportedFeatureError", "configure",
     "configure_with_adapter", "context", "Predict", "Signature", "Prediction", "InputField", "OutputField", "Adapter",
     "ChatAdapter", "JSONAdapter", "CompletionAdapter", "AdapterParseError", "usage", "Budget", "LaneMux",
+    "CodexSdkLM", "PylonLM", "__version__",
 ]  # fmt: skip

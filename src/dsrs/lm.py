@@ -13,7 +13,7 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
-from typing import Any
+from typing import Any, Self
 
 from . import _sync, pricing
 from .budget import NO_HOLD, Hold, applicable, reserve
@@ -103,53 +103,53 @@ class BaseLM:
     def _extra_options(self) -> tuple[str, ...]:
         return ()
 
-    def _with(self, **opts: Any) -> Any:
+    def _with(self, **opts: Any) -> Self:
         new = copy.copy(self)
         new._opts = dict(self._opts)
         new._backend_obj = None
         new._set(opts)
         return new
 
-    def with_cache(self, enabled: bool | Cache = True) -> Any:
+    def with_cache(self, enabled: bool | Cache = True) -> Self:
         return self._with(cache=enabled)
 
-    def with_max_tokens(self, n: int) -> Any:
+    def with_max_tokens(self, n: int) -> Self:
         return self._with(max_tokens=n)
 
-    def with_temperature(self, t: float) -> Any:
+    def with_temperature(self, t: float) -> Self:
         return self._with(temperature=t)
 
-    def with_top_p(self, p: float) -> Any:
+    def with_top_p(self, p: float) -> Self:
         return self._with(top_p=p)
 
-    def with_seed(self, seed: int) -> Any:
+    def with_seed(self, seed: int) -> Self:
         return self._with(seed=seed)
 
-    def with_stop(self, *stop: str) -> Any:
+    def with_stop(self, *stop: str) -> Self:
         return self._with(stop=tuple(stop))
 
-    def with_base_url(self, url: str) -> Any:
+    def with_base_url(self, url: str) -> Self:
         return self._with(base_url=url)
 
-    def with_num_ctx(self, n: int) -> Any:
+    def with_num_ctx(self, n: int) -> Self:
         return self._with(num_ctx=n)
 
-    def with_api_key(self, key: str) -> Any:
+    def with_api_key(self, key: str) -> Self:
         return self._with(api_key=key)
 
-    def with_timeout(self, seconds: float | Any) -> Any:
+    def with_timeout(self, seconds: float | Any) -> Self:
         if hasattr(seconds, "total_seconds"):  # datetime.timedelta, like the spec's Duration
             seconds = seconds.total_seconds()
         return self._with(timeout=float(seconds))
 
-    def with_retries(self, n: int) -> Any:
+    def with_retries(self, n: int) -> Self:
         return self._with(retries=n)
 
-    def with_budget(self, budget: Any) -> Any:
+    def with_budget(self, budget: Any) -> Self:
         """Reserve every call's worst case on this `dsrs.Budget` (see dsrs.budget)."""
         return self._with(budget=budget)
 
-    def with_options(self, **opts: Any) -> Any:
+    def with_options(self, **opts: Any) -> Self:
         return self._with(**opts)
 
     @property
