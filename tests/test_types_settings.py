@@ -164,3 +164,18 @@ def test_on_usage_takes_one_function_or_several(scripted):
 
     with pytest.raises(dsrs.ConfigurationError):
         dsrs.configure(on_usage=[1])
+
+
+def test_the_spellings_users_bring_are_aliases_or_get_a_did_you_mean():
+    import pytest
+
+    from dsrs import LM
+
+    lm = LM("openai/gpt-4o", api_base="http://127.0.0.1:1/v1", num_retries=3, max_completion_tokens=9, stop=["a", "b"])
+    assert lm.options == {"base_url": "http://127.0.0.1:1/v1", "retries": 3, "max_tokens": 9, "stop": ("a", "b")}
+    assert lm.request("hi", max_output_tokens=5, stop_sequences=["x"]).max_tokens == 5
+    with pytest.raises(dsrs.ConfigurationError, match="did you mean 'temperature'"):
+        LM("openai/gpt-4o", temprature=0.1)
+    with pytest.raises(dsrs.ConfigurationError) as e:
+        LM("openai/gpt-4o", reasoning_effort="low")
+    assert "did you mean" not in str(e.value) and "extra={'reasoning_effort': 'low'}" in str(e.value)

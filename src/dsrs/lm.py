@@ -8,6 +8,7 @@ which backend answers (`_make_backend`).
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 import math
 import re
@@ -44,6 +45,18 @@ def to_messages(x: Input) -> tuple[Message, ...]:
         raise ConfigurationError("no messages to send", hint="pass a prompt string or a list of messages")
     return msgs
 
+
+# The spellings users bring from LiteLLM, dspy and the official SDKs, for the same options.
+_ALIASES = {"api_base": "base_url", "num_retries": "retries", "max_retries": "retries",
+            "max_completion_tokens": "max_tokens", "max_output_tokens": "max_tokens", "request_timeout": "timeout",
+            "stop_sequences": "stop", "base_url_override": "base_url"}  # fmt: skip
+# Options dsrs passes through `extra` rather than naming (they differ per provider).
+_SPELLED_ELSEWHERE = {
+    "reasoning_effort": "pass it as a provider parameter: extra={'reasoning_effort': 'low'} (OpenAI chat), "
+    "extra={'reasoning': {'effort': 'low'}} (Responses), extra={'thinking': {...}} (Anthropic)",
+    "n": "dsrs returns one completion per call: make several calls (extra={'n': k} reaches the provider, "
+    "and budgets reserve for all k, but only the first choice is returned)",
+}
 
 _SECRET_HEADER = re.compile(r"auth|key|token|secret|cookie|signature", re.I)
 
@@ -86,11 +99,17 @@ class BaseLM:
     # -- builders ---------------------------------------------------------------------------
     def _set(self, opts: dict[str, Any]) -> None:
         for k, v in opts.items():
+            k = _ALIASES.get(k, k)
             if k not in _REQUEST_FIELDS and k not in _CLIENT_FIELDS and k not in self._extra_options():
+                known = _REQUEST_FIELDS + _CLIENT_FIELDS + self._extra_options()
+                close = [] if k in _SPELLED_ELSEWHERE else difflib.get_close_matches(k, known + tuple(_ALIASES), n=1)
                 raise ConfigurationError(
-                    f"unknown option {k!r} for {type(self).__name__}",
-                    hint="known: " + ", ".join(_REQUEST_FIELDS + _CLIENT_FIELDS + self._extra_options()),
+                    f"unknown option {k!r} for {type(self).__name__}"
+                    + (f": did you mean {_ALIASES.get(close[0], close[0])!r}?" if close else ""),
+                    hint=_SPELLED_ELSEWHERE.get(k) or "known: " + ", ".join(known),
                 )
+            if k == "stop" and isinstance(v, list):
+                v = tuple(v)
             if k == "api_key" and v is not None and not isinstance(v, Secret):
                 v = Secret(v)
             if k == "stop" and isinstance(v, str):
@@ -182,6 +201,8 @@ class BaseLM:
     def request(self, prompt: Input, **overrides: Any) -> Request:
         """The normalized request this LM would send for `prompt`."""
         if overrides:
+            if not _ALIASES.keys().isdisjoint(overrides):
+                overrides = {_ALIASES.get(k, k): v for k, v in overrides.items()}
             bad = [k for k in overrides if k not in _REQUEST_FIELDS]
             if bad:
                 raise ConfigurationError(
