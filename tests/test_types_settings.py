@@ -179,3 +179,27 @@ def test_the_spellings_users_bring_are_aliases_or_get_a_did_you_mean():
     with pytest.raises(dsrs.ConfigurationError) as e:
         LM("openai/gpt-4o", reasoning_effort="low")
     assert "did you mean" not in str(e.value) and "extra={'reasoning_effort': 'low'}" in str(e.value)
+
+
+async def test_history_keeps_the_last_calls_bounded(scripted, capsys):
+    from dsrs import LM, history
+    from scripted import chat_reply
+
+    scripted.script(chat_reply("four", prompt_tokens=7, completion_tokens=1), chat_reply("five"))
+    lm = LM("openai/gpt-4o-mini", base_url=scripted.url, api_key="k")
+    other = lm.with_temperature(0)
+    await lm.acall("two plus two?")
+    await other.acall("two plus three?")
+    assert [e.completion.text for e in lm.history] == ["four"] and other.history[-1].completion.text == "five"
+    shown = dsrs.inspect_history(2)
+    out = capsys.readouterr().out
+    assert [e.messages[0].content for e in shown] == ["two plus two?", "two plus three?"]
+    assert "user: two plus two?" in out and "-> four" in out and "tokens 7 + 1 = 8" in out
+    history.resize(1)
+    try:
+        scripted.script(chat_reply("a"), chat_reply("b"))
+        await lm.acall("x")
+        await lm.acall("y")
+        assert [e.completion.text for e in history.entries()] == ["b"]
+    finally:
+        history.resize(history.SIZE)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers and IDEs (
     from .cache import Cache
     from .codex_sdk import CodexSdkLM
     from .lanes import LaneMux
+    from .history import inspect_history
     from .ledger import usage
     from .lm import LM, BaseLM
     from .predict import (Adapter, AdapterParseError, ChatAdapter, CompletionAdapter, InputField, JSONAdapter,
@@ -55,7 +56,7 @@ _LAZY = {
     "Predict": "dsrs.predict", "Signature": "dsrs.predict", "Prediction": "dsrs.predict",
     "InputField": "dsrs.predict", "OutputField": "dsrs.predict", "Adapter": "dsrs.predict",
     "ChatAdapter": "dsrs.predict", "JSONAdapter": "dsrs.predict", "CompletionAdapter": "dsrs.predict",
-    "AdapterParseError": "dsrs.predict", "usage": "dsrs.ledger",
+    "AdapterParseError": "dsrs.predict", "usage": "dsrs.ledger", "inspect_history": "dsrs.history",
     "Budget": "dsrs.budget",
     "LaneMux": "dsrs.lanes",
     "PylonLM": "dsrs.pylon",
@@ -81,5 +82,5 @@ __all__ = [
     "TimeoutError", "Tool", "ToolCall", "UnknownProviderError", "UnsupportedFeatureError", "configure",
     "configure_with_adapter", "context", "Predict", "Signature", "Prediction", "InputField", "OutputField", "Adapter",
     "ChatAdapter", "JSONAdapter", "CompletionAdapter", "AdapterParseError", "usage", "Budget", "LaneMux",
-    "CodexSdkLM", "PylonLM", "__version__",
+    "CodexSdkLM", "PylonLM", "inspect_history", "__version__",
 ]  # fmt: skip

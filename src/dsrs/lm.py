@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any, Self
 
-from . import _sync, pricing
+from . import _sync, history, pricing
 from .budget import NO_HOLD, Hold, applicable, reserve
 from .cache import Cache, cache_key, default_cache
 from .errors import ConfigurationError, DsrsError, ResponseFormatError, UnsupportedFeatureError
@@ -170,6 +170,11 @@ class BaseLM:
 
     def with_options(self, **opts: Any) -> Self:
         return self._with(**opts)
+
+    @property
+    def history(self) -> list[history.Entry]:
+        """This LM's last calls (messages, answer, usage, route), oldest first: see `dsrs.history`."""
+        return history.entries(lm=self)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -345,6 +350,7 @@ class BaseLM:
         c = self._finish(c, started)
         if key is not None:
             cache.put(key, c)  # type: ignore[union-attr]
+        history.record(self, req.messages, c)
         return c
 
     async def _attempt(self, req: Request, budgets: tuple[Any, ...]) -> Completion:
@@ -423,6 +429,7 @@ class BaseLM:
         c = self._finish(c, started)
         if key is not None:
             cache.put(key, c)  # type: ignore[union-attr]
+        history.record(self, req.messages, c)
         yield StreamEnd(c)
 
     def stream(self, prompt: Input, **overrides: Any) -> Iterator[str | StreamEnd]:
