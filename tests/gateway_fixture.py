@@ -18,6 +18,7 @@ from typing import Any
 
 CLIENT_KEY = "sk-client-test-0123456789"
 OTHER_KEY = "sk-client-other-9876543210"
+ADMIN_KEY = "sk-admin-test-5555555555"  # DSRS_ADMIN_KEY of the test gateways: /metrics and /health details
 
 
 def free_port() -> int:
@@ -74,7 +75,8 @@ class InProcessGateway:
     def __init__(self, doc: dict[str, Any], env: dict[str, str] | None = None) -> None:
         from dsrs.gateway.config import parse
 
-        self.cfg = parse(doc, env={"CLIENT_KEY": CLIENT_KEY, "OTHER_KEY": OTHER_KEY, **(env or {})})
+        self.cfg = parse(doc, env={"CLIENT_KEY": CLIENT_KEY, "OTHER_KEY": OTHER_KEY, "DSRS_ADMIN_KEY": ADMIN_KEY,
+                                         **(env or {})})  # fmt: skip
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -123,7 +125,7 @@ class GatewayProcess:
         with os.fdopen(fd, "w") as f:
             f.write(toml(doc))
         self.port = free_port()
-        full_env = {**os.environ, "CLIENT_KEY": CLIENT_KEY, "OTHER_KEY": OTHER_KEY, **(env or {})}
+        full_env = {**os.environ, "CLIENT_KEY": CLIENT_KEY, "OTHER_KEY": OTHER_KEY, "DSRS_ADMIN_KEY": ADMIN_KEY, **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dsrs.gateway", "--config", self.config_path, "--port", str(self.port)],
             env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from conftest import FEW_SHOT
-from gateway_fixture import CLIENT_KEY, OTHER_KEY, InProcessGateway, free_port, get
+from gateway_fixture import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, InProcessGateway, free_port, get
 from scripted import Reply, chat_reply
 
 
@@ -115,10 +115,10 @@ def test_models_health_metrics(gateway: InProcessGateway) -> None:
     ids = {m.id: m.model_extra["dsrs"] for m in sdk(gateway).models.list()}
     assert ids["gpt-5.5"]["lanes"] == ["local"] and ids["remote"]["model"] == "gpt-4o-mini"
     assert [m.id for m in sdk(gateway, OTHER_KEY).models.list()] == ["remote"]  # bob may only use "remote"
-    status, health = get(gateway.url + "/health")
+    status, health = get(gateway.url + "/health", ADMIN_KEY)
     assert status == 200 and health["status"] == "ok" and health["redis"] is None and health["budget_mode"] == "local"
     sdk(gateway).chat.completions.create(model="local", messages=[{"role": "user", "content": FEW_SHOT}], max_tokens=2)
-    status, text = get(gateway.url + "/metrics")
+    status, text = get(gateway.url + "/metrics", ADMIN_KEY)
     assert status == 200
     assert 'dsrs_lane_calls_total{lane="local"} 1' in text
     assert 'dsrs_lane_tokens_total{kind="completion",lane="local"} 2' in text
@@ -397,7 +397,7 @@ def test_a_model_over_several_lanes_falls_back_and_counts_it(llama_server: Any, 
         assert "Paris" in r.choices[0].message.content and r.model == "auto"
         assert r.model_extra["dsrs"]["lane"] == "local" and r.model_extra["dsrs"]["provider"] == "llamacpp"
         assert len(scripted.requests) == 1  # tried first, failed, fell back
-        _, text = get(gw.url + "/metrics")
+        _, text = get(gw.url + "/metrics", ADMIN_KEY)
         assert 'dsrs_lane_fallbacks_total{lane="remote"} 1' in text and 'dsrs_lane_calls_total{lane="local"} 1' in text
         ids = {m.id: m.model_extra["dsrs"]["lanes"] for m in sdk(gw).models.list()}
         assert ids["auto"] == ["remote", "local"]

@@ -7,6 +7,13 @@ port = 8088
 require_keys = true            # a request without a valid client key gets 401 and spends nothing
 max_body_bytes = 4194304
 budget = "global"              # a budget every call books on (optional)
+# admin_key_env = "DSRS_ADMIN_KEY"  # the admin key's env var (this one by default; or admin_key_sha256 = "<hex>"):
+                               # /metrics and the details of /health need it (Authorization: Bearer <admin key>)
+public_metrics = false         # true: /metrics without a key (a private network's Prometheus)
+header_timeout_s = 15          # a connection's request headers must arrive within this (also idle keep-alive)
+body_timeout_s = 60            # a request body must arrive within this (408 otherwise)
+max_connections_per_client = 256   # open connections per client address (0: no cap; behind a proxy, all
+                                   # clients share its address)
 
 [redis]                        # optional; also DSRS_REDIS_URL. Without it: memory + SQLite, in-process budgets
 url = "redis://127.0.0.1:6379/0"
@@ -113,6 +120,11 @@ class Config:
     require_keys: bool = True
     max_body_bytes: int = 4 * 1024 * 1024
     budget: str | None = None
+    admin_sha256: str | None = field(default=None, repr=False)
+    public_metrics: bool = False
+    header_timeout_s: float = 15.0
+    body_timeout_s: float = 60.0
+    max_connections_per_client: int = 256
     redis_url: str | None = field(default=None, repr=False)
     on_down: str = "fail_closed"
     cache_ttl_s: int | None = 7 * 24 * 3600
@@ -165,7 +177,9 @@ def parse(doc: dict[str, Any], env: dict[str, str] | None = None) -> Config:
     env = dict(os.environ) if env is None else env
     _only(doc, "top level", ("gateway", "redis", "cache", "lanes", "models", "budgets", "keys"))
     g = _table(doc.get("gateway"), "[gateway]")
-    _only(g, "[gateway]", ("host", "port", "require_keys", "max_body_bytes", "budget"))
+    _only(g, "[gateway]", ("host", "port", "require_keys", "max_body_bytes", "budget", "admin_key_env",
+                           "admin_key_sha256", "public_metrics", "header_timeout_s", "body_timeout_s",
+                           "max_connections_per_client"))  # fmt: skip
     r = _table(doc.get("redis"), "[redis]")
     _only(r, "[redis]", ("url", "url_env", "on_down", "cache_ttl_s"))
     c = _table(doc.get("cache"), "[cache]")
@@ -250,15 +264,42 @@ def parse(doc: dict[str, Any], env: dict[str, str] | None = None) -> Config:
     if require and not keys:
         raise _err("[keys]", "require_keys is on but no client keys are configured",
                    "add [keys.<name>] with key_env = \"ENV_VAR\", or set require_keys = false for a private host")  # fmt: skip
+    if not require and keys:
+        raise _err("[gateway]", "require_keys = false with [keys] defined would let a request without a key bypass "
+                   "the keys' budgets, rate limits and model lists",
+                   "set require_keys = true (a request without a valid key gets 401), or remove [keys] for a private "
+                   "host where every caller is trusted (the [gateway] budget still applies to all)")  # fmt: skip
     url = _typed(r, "url", str, "[redis]") or env.get(_typed(r, "url_env", str, "[redis]") or "DSRS_REDIS_URL") or None
     on_down = _typed(r, "on_down", str, "[redis]", "fail_closed")
     if on_down not in ("fail_closed", "local"):
         raise _err("[redis]", f"on_down must be \"fail_closed\" or \"local\", got {on_down!r}")
     port = _typed(g, "port", int, "[gateway]", 8088)
+    admin = _typed(g, "admin_key_sha256", str, "[gateway]")
+    admin_env = _typed(g, "admin_key_env", str, "[gateway]")
+    if admin is not None and not re.fullmatch(r"[0-9a-f]{64}", admin):
+        raise _err("[gateway]", "admin_key_sha256 must be 64 lowercase hex digits")
+    if admin_env is not None and not env.get(admin_env):
+        raise _err("[gateway]", f"environment variable {admin_env} (admin_key_env) is empty or unset", "export the admin key")
+    secret = env.get(admin_env or "DSRS_ADMIN_KEY")
+    if admin is None and secret:
+        admin = key_hash(secret)
+    if admin is not None and any(k.sha256 == admin for k in keys.values()):
+        raise _err("[gateway]", "the admin key is also a client key", "give the admin its own key")
+    timeouts: dict[str, float] = {}
+    for name, default in (("header_timeout_s", 15.0), ("body_timeout_s", 60.0)):
+        v = _typed(g, name, (int, float), "[gateway]", default)
+        if isinstance(v, bool) or not 0 < v <= 3600:
+            raise _err("[gateway]", f"{name} must be a number of seconds in (0, 3600]")
+        timeouts[name] = float(v)
+    per_client = _typed(g, "max_connections_per_client", int, "[gateway]", 256)
+    if per_client < 0:
+        raise _err("[gateway]", "max_connections_per_client must be >= 0 (0: no cap)")
     max_body = _typed(g, "max_body_bytes", int, "[gateway]", 4 * 1024 * 1024)
     return Config(
         host=_typed(g, "host", str, "[gateway]", "127.0.0.1"), port=port, require_keys=require,
-        max_body_bytes=max_body, budget=budget_ref(g.get("budget"), "[gateway]"), redis_url=url, on_down=on_down,
+        max_body_bytes=max_body, budget=budget_ref(g.get("budget"), "[gateway]"), admin_sha256=admin,
+        public_metrics=bool(_typed(g, "public_metrics", bool, "[gateway]", False)), **timeouts,
+        max_connections_per_client=per_client, redis_url=url, on_down=on_down,
         cache_ttl_s=_typed(r, "cache_ttl_s", int, "[redis]", 7 * 24 * 3600),
         cache=bool(_typed(c, "enabled", bool, "[cache]", True)), lanes=lanes, models=models, budgets=budgets,
         keys=keys,
@@ -270,7 +311,8 @@ def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Con
     try:
         doc = tomllib.loads(p.read_text())
     except FileNotFoundError:
-        raise ConfigurationError(f"gateway config {p} does not exist", hint="pass --config dsrs.toml") from None
+        raise ConfigurationError(f"gateway config {p} does not exist",
+                                 hint=f"write a sample with `dsrs serve --init {p}`, edit it, then `dsrs serve --config {p}`") from None  # fmt: skip
     except tomllib.TOMLDecodeError as e:
         raise ConfigurationError(f"gateway config {p} is not valid TOML: {e}") from None
     return parse(doc, env)

@@ -13,7 +13,8 @@ _DEFS = {
     "dsrs_lane_errors_total": ("counter", "Failed calls, by lane (or model when no lane answered) and error type"),
     "dsrs_lane_fallbacks_total": ("counter", "Times a request moved on from a lane to another"),
     "dsrs_lane_tokens_total": ("counter", "Tokens, by lane and kind (prompt, completion)"),
-    "dsrs_lane_msats_total": ("counter", "Cost in millisatoshis, by lane (known costs only)"),
+    "dsrs_lane_msats_total": ("counter", "Millisatoshis booked, by lane: answers at their cost, unsettled calls at what the budgets kept"),
+    "dsrs_lane_unsettled_total": ("counter", "Calls without an answer that may have been billed, by lane and reason (abandoned, error)"),
     "dsrs_lane_cache_hits_total": ("counter", "Calls answered from the cache, by lane"),
     "dsrs_gateway_redis_up": ("gauge", "1 when Redis answered the last operation, 0 when not, absent without Redis"),
 }

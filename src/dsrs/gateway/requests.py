@@ -146,15 +146,38 @@ def _kind(v: Any) -> str:
     return {str: "a string", int: "a number", float: "a number", list: "an array", dict: "an object"}.get(type(v), type(v).__name__)
 
 
-def check_depth(body: Any, limit: int = 64) -> None:
-    """Refuse JSON nested deeper than `limit` (no request needs it; deep nesting only exhausts the stack)."""
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def may_hold_surrogates(raw: bytes) -> bool:
+    """Does this JSON text escape a UTF-16 surrogate (`\\ud800`...)? Only then are strings checked."""
+    return _SURROGATE_ESCAPE.search(raw) is not None
+
+
+def _no_lone_surrogate(s: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad("the request body holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is "
+                  "not text: send valid Unicode", None, "invalid_json") from None  # fmt: skip
+
+
+def check_depth(body: Any, limit: int = 64, surrogates: bool = False) -> None:
+    """Refuse JSON nested deeper than `limit` (no request needs it; deep nesting only exhausts the stack),
+    and with `surrogates`, any string or key holding a lone UTF-16 surrogate (JSON escapes allow it,
+    UTF-8 cannot carry it to a provider)."""
     todo = [(body, 1)]
     while todo:
         v, d = todo.pop()
         if isinstance(v, (dict, list)):
             if d > limit:
                 raise bad(f"the request body is nested deeper than {limit} levels", None, "invalid_json")
+            if surrogates and isinstance(v, dict):
+                for k in v:
+                    _no_lone_surrogate(k)
             todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+        elif surrogates and isinstance(v, str):
+            _no_lone_surrogate(v)
 
 
 def _text(content: Any, where: str) -> str:

@@ -140,6 +140,13 @@ class Runtime:
             return ANONYMOUS  # a private gateway: any bearer value (SDKs insist on sending one)
         return None
 
+    def admin(self, authorization: str | None) -> bool:
+        """Is this `Authorization` header the admin key? (False when no admin key is configured.)"""
+        want = self.cfg.admin_sha256
+        if not want or not authorization or authorization[:7].lower() != "bearer ":
+            return False
+        return hmac.compare_digest(want, key_hash(authorization[7:].strip()))
+
     def budgets_for(self, key: KeyConfig) -> list[Budget]:
         names = [self.cfg.budget, key.budget]
         return [self.budgets[n] for n in names if n]
