@@ -5,8 +5,19 @@ Needs the `pylon` extra (`coincurve`, `websockets`, `cryptography`); nothing loa
 
 from __future__ import annotations
 
-from .event import Event, sign, verify_json
-from .keys import Keys
-from .relay import Relay, RelayError, RelayPool, Subscription
+from importlib.util import find_spec as _find
+
+try:
+    for _dep in ("websockets", "cryptography"):  # loaded later, on first use; checked now
+        if _find(_dep) is None:
+            raise ImportError(name=_dep)
+    from .event import Event, sign, verify_json
+    from .keys import Keys
+    from .relay import Relay, RelayError, RelayPool, Subscription
+except ImportError as _e:  # the extra is missing: say how to get it (nothing was sent)
+    from ..errors import ConfigurationError
+
+    raise ConfigurationError(f"Nostr and the Pylon swarm need the pylon extra ({_e.name or _e} is missing)",
+                             provider="pylon", hint="pip install 'dsrs[pylon]'") from None  # fmt: skip
 
 __all__ = ["Event", "Keys", "Relay", "RelayError", "RelayPool", "Subscription", "sign", "verify_json"]

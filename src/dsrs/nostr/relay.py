@@ -14,7 +14,7 @@ import json
 import secrets
 from typing import Any
 
-from ..errors import APIConnectionError, TimeoutError
+from ..errors import APIConnectionError, DsrsError, TimeoutError
 from .event import Event, sign, verify_json
 from .keys import Keys
 
@@ -207,29 +207,41 @@ class Relay:
 
     # -- API ----------------------------------------------------------------------------------
     async def publish(self, ev: Event, timeout: float = 5.0) -> str:
-        """Send an event and wait for the relay's OK; raises RelayError when refused."""
-        for attempt in (0, 1, 2):
-            await self.connect()
-            fut: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
-            self._oks[ev.id] = fut
-            try:
-                await self._send(["EVENT", ev.to_json()])
-                ok, msg = await asyncio.wait_for(fut, timeout)
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"relay {self.url} did not acknowledge an event within {timeout}s",
-                                   provider="nostr") from None  # fmt: skip
-            except RelayError:
-                if attempt == 2:
-                    raise
-                continue  # the connection dropped: resend once it is back (the id makes it idempotent)
-            finally:
-                self._oks.pop(ev.id, None)
-            if ok or msg.startswith("duplicate"):
-                return msg
-            if msg.startswith("auth-required") and attempt == 0 and await self._wait_auth(timeout):
-                continue
-            raise RelayError(f"relay {self.url} refused event: {msg[:200]}", provider="nostr", code="rejected")
-        raise AssertionError("unreachable")
+        """Send an event and wait for the relay's OK; raises RelayError when refused.
+
+        Every error raised carries `event_sent`: False only when the event surely never reached
+        the relay (no connection, or a refusal of every copy sent), True when it may have (a
+        missing OK, a connection lost after sending). A payment request must be treated as sent then.
+        """
+        unsure = False  # a copy went out and the relay neither took nor refused it
+        try:
+            for attempt in (0, 1, 2):
+                await self.connect()
+                fut: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
+                self._oks[ev.id] = fut
+                try:
+                    await self._send(["EVENT", ev.to_json()])
+                    ok, msg = await asyncio.wait_for(fut, timeout)
+                except asyncio.TimeoutError:
+                    unsure = True
+                    raise TimeoutError(f"relay {self.url} did not acknowledge an event within {timeout}s",
+                                       provider="nostr") from None  # fmt: skip
+                except RelayError:
+                    unsure = True  # lost while sending or waiting: the relay may have it
+                    if attempt == 2:
+                        raise
+                    continue  # the connection dropped: resend once it is back (the id makes it idempotent)
+                finally:
+                    self._oks.pop(ev.id, None)
+                if ok or msg.startswith("duplicate"):
+                    return msg
+                if msg.startswith("auth-required") and attempt == 0 and await self._wait_auth(timeout):
+                    continue
+                raise RelayError(f"relay {self.url} refused event: {msg[:200]}", provider="nostr", code="rejected")
+            raise AssertionError("unreachable")
+        except DsrsError as e:
+            e.event_sent = unsure  # type: ignore[attr-defined]
+            raise
 
     async def subscribe(self, filters: list[dict[str, Any]], sub_id: str | None = None,
                         sub: Subscription | None = None) -> Subscription:  # fmt: skip
@@ -292,7 +304,17 @@ class RelayPool:
         await self._each(lambda r: r.connect())
 
     async def publish(self, ev: Event, timeout: float = 5.0) -> None:
-        await self._each(lambda r: r.publish(ev, timeout))
+        """Ok when any relay accepts; else the first error, whose `event_sent` says whether any relay may have it."""
+        res = await asyncio.gather(*(r.publish(ev, timeout) for r in self.relays), return_exceptions=True)
+        errs = [x for x in res if isinstance(x, BaseException)]
+        if len(errs) < len(res):
+            return
+        for x in errs:
+            if not isinstance(x, Exception):
+                raise x  # cancelled
+        err = errs[0]
+        err.event_sent = any(getattr(x, "event_sent", True) for x in errs)  # type: ignore[attr-defined]
+        raise err
 
     async def subscribe(self, filters: list[dict[str, Any]]) -> Subscription:
         sub = _PoolSub(self, f"dsrs{next(_ids)}{secrets.token_hex(3)}", filters)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import hashlib
 import json
 import logging
 import math
@@ -20,16 +21,17 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..budget import Budget, Reservation
 from ..errors import APIConnectionError, BudgetExceededError, DsrsError, TimeoutError, UnsupportedFeatureError
-from ..nostr import Event, Keys, sign
 from ..providers.embedded import render
 from ..types import Completion, CostSource, LmUsage, Request
-from . import bolt11, pools
 from .errors import PaymentError, PaymentRequiredError, PaymentUnknownError, SwarmJobError
-from .wallet import Wallet
+
+if TYPE_CHECKING:  # the nostr modules need the pylon extra: loaded on first use
+    from ..nostr import Event, Keys
+    from .wallet import Wallet
 
 JOB, RESULT, FEEDBACK, DELETION = 5050, 6050, 7000, 5
 DEFAULT_RELAY = "wss://nexus.openagents.com"
@@ -75,9 +77,14 @@ class _Job:
     paid_msats: int = 0
     fees_over_cap: bool = False
     status: str | None = None
+    deadline: float = math.inf  # time.monotonic() by which the call ends
 
     def refuse(self, who: str, why: str) -> None:
         self.refusals.append(f"{who[:12]}: {why}")
+        log.info("job %s: not from %s...: %s", self.ev.id[:12], who[:12], why)
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
 
 
 def fee_cap(cfg: SwarmConfig, amount: int) -> int:
@@ -97,23 +104,33 @@ def job_event(keys: Keys, req: Request, cfg: SwarmConfig) -> Event:
     tags += [["output", "text/plain"], ["bid", str(cfg.bid_msats)], ["relays", *cfg.relays]]
     if cfg.provider:
         tags.append(["p", cfg.provider])
+    from ..nostr import sign
+
     return sign(keys, JOB, "", tags)
 
 
 async def run(cfg: SwarmConfig, req: Request) -> Completion:
-    """Run one job on the swarm and return its result (usage: what was paid, tokens estimated)."""
-    keys = cfg.keys or Keys.generate()
-    job = _Job(job_event(keys, req, cfg), keys, cfg)
-    pool = pools.pool(cfg.relays)
+    """Run one job on the swarm and return its result (usage: what was paid, tokens estimated).
+    Every wait (relay, wallet, providers) ends by `cfg.timeout` after the call started."""
+    from ..nostr import Keys  # the pylon extra (a ConfigurationError naming it when missing)
+    from . import pools
+
     started = time.monotonic()
-    sub = await pool.subscribe([{"kinds": [FEEDBACK, RESULT], "#e": [job.ev.id]}])
+    keys = cfg.keys or Keys.generate()
+    job = _Job(job_event(keys, req, cfg), keys, cfg, deadline=started + cfg.timeout)
+    pool = pools.pool(cfg.relays)
+    sub = None
     try:
-        await pool.publish(job.ev, timeout=min(cfg.timeout, 10.0))
-        deadline = started + cfg.timeout
+        try:
+            sub = await asyncio.wait_for(pool.subscribe([{"kinds": [FEEDBACK, RESULT], "#e": [job.ev.id]}]), job.left())
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"the relays did not answer within {cfg.timeout}s; the job was not sent", provider="pylon",
+                               hint="check the relay URLs, or raise the timeout") from None  # fmt: skip
+        await pool.publish(job.ev, timeout=min(job.left(), 10.0))
         events = 0
         while True:
             try:
-                ev = await sub.next(max(0.0, deadline - time.monotonic()))
+                ev = await sub.next(job.left())
             except asyncio.TimeoutError:
                 raise _timeout(job) from None
             events += 1
@@ -127,12 +144,15 @@ async def run(cfg: SwarmConfig, req: Request) -> Completion:
             e.spent_msats = job.paid_msats  # type: ignore[attr-defined]
         raise
     finally:
-        await sub.close()
+        if sub is not None:
+            await sub.close()
     await _cancel(pool, job)
     return done
 
 
 async def _cancel(pool: Any, job: _Job) -> None:
+    from ..nostr import sign
+
     try:
         ev = sign(job.keys, DELETION, "job done", [["e", job.ev.id], ["k", str(JOB)]])
         await asyncio.wait_for(pool.publish(ev, timeout=2.0), 2.0)
@@ -207,6 +227,9 @@ async def _handle(job: _Job, ev: Event) -> Completion | None:
 
 
 async def _quote(job: _Job, ev: Event) -> None:
+    from . import bolt11
+    from .wallet import NwcWallet, Payment
+
     cfg, who = job.cfg, ev.pubkey
     if job.paid_to:
         return  # one payment per job
@@ -242,6 +265,12 @@ async def _quote(job: _Job, ev: Event) -> None:
             f"provider {who[:12]}... asks {amount} msats for job {job.ev.id[:12]}...", quote=quote, provider="pylon",
             hint="pay quote.invoice yourself, or set with_wallet(...) and auto_pay" if cfg.wallet is None or not cfg.auto_pay else None,
         )  # fmt: skip
+    wallet = cfg.wallet
+    nwc = isinstance(wallet, NwcWallet)
+    if job.left() <= 0:
+        return job.refuse(who, "quoted too late to pay within the timeout")
+    if nwc:  # the wallet's info query, before anything is booked (PaymentError "NOT_SENT": nothing paid)
+        await wallet.encryption(timeout=min(wallet.timeout, job.left()))
     res: Reservation | None = None
     if cfg.budget is not None:
         try:
@@ -251,23 +280,28 @@ async def _quote(job: _Job, ev: Event) -> None:
     _paid_hashes[inv.payment_hash] = None
     while len(_paid_hashes) > 100_000:
         _paid_hashes.popitem(last=False)
-    try:
-        pay = await cfg.wallet.pay_invoice(text)
-    except PaymentUnknownError as e:
-        e.reservation = res  # left open (still reserved) until the caller settles or releases it
-        job.paid_to = who  # may have been paid: never pay anyone else for this job
-        raise
-    except (PaymentError, APIConnectionError, bolt11.InvoiceError) as e:
-        if res:
-            res.release()
-        _paid_hashes.pop(inv.payment_hash, None)
-        return job.refuse(who, f"payment failed ({getattr(e, 'code', None) or type(e).__name__})")
-    except builtins.TimeoutError as e:  # a wallet of ours times out with PaymentUnknownError; others may not
-        job.paid_to = who
-        unknown = PaymentUnknownError("the wallet timed out while paying; the payment may have gone out",
-                                      provider="pylon", code="TIMEOUT", hint="check the wallet; the budget keeps this amount reserved")  # fmt: skip
-        unknown.reservation = res
-        raise unknown from e
+    log.info("job %s: paying %d msats to %s...", job.ev.id[:12], amount, who[:12])
+    try:  # bounded by the call's timeout; once the request may have left, the outcome is unknown
+        if nwc:
+            pay = await wallet.pay_invoice(text, timeout=min(wallet.timeout, max(job.left(), 0.001)))
+        else:
+            pay = await asyncio.wait_for(wallet.pay_invoice(text), max(job.left(), 0.001))
+    except (PaymentUnknownError, APIConnectionError, builtins.TimeoutError) as e:
+        if isinstance(e, APIConnectionError) and getattr(e, "event_sent", True) is False:
+            return _unpaid(job, who, res, inv.payment_hash, e)  # surely never reached the wallet
+        job.paid_to = who  # may have been paid: never pay anyone else (or this invoice again) for this job
+        found = await _resolve(wallet, inv.payment_hash, job, fee_cap(cfg, amount))
+        if found is None:
+            unknown = e if isinstance(e, PaymentUnknownError) else PaymentUnknownError(
+                "the wallet did not say whether it paid; the payment may have gone out", provider="pylon",
+                code=getattr(e, "code", None) or "TIMEOUT", hint="check the wallet; the budget keeps this amount reserved")  # fmt: skip
+            unknown.reservation = res  # left open (still reserved) until the caller settles or releases it
+            log.warning("job %s: the outcome of a %d msats payment is unknown; it stays booked", job.ev.id[:12], amount)
+            raise unknown from (None if unknown is e else e)
+        log.info("job %s: the wallet's records show the payment went out", job.ev.id[:12])
+        pay = found
+    except (PaymentError, bolt11.InvoiceError) as e:  # the wallet said no: nothing was paid
+        return _unpaid(job, who, res, inv.payment_hash, e)
     except Exception as e:  # a broken wallet: nothing assumed paid (type name only: the text may hold secrets)
         if res:
             res.release()
@@ -275,8 +309,9 @@ async def _quote(job: _Job, ev: Event) -> None:
         raise PaymentError(f"the wallet failed to pay ({type(e).__name__}); nothing was paid", provider="pylon",
                            code="wallet_error", hint="check the wallet given to with_wallet(...)") from None  # fmt: skip
     except BaseException:  # cancelled mid-payment: outcome unknown, the reservation stays open
+        job.paid_to = who
         raise
-    fees = pay.fees_paid_msats
+    fees = pay.fees_paid_msats if isinstance(pay, Payment) else int(getattr(pay, "fees_paid_msats", 0) or 0)
     job.paid_to, job.paid_msats = who, amount + fees
     if fees > fee_cap(cfg, amount):  # paid already: the truth is recorded, and flagged
         job.fees_over_cap = True
@@ -284,6 +319,42 @@ async def _quote(job: _Job, ev: Event) -> None:
                     fee_cap(cfg, amount))  # fmt: skip
     if res:
         res.settle(job.paid_msats)
+
+
+def _unpaid(job: _Job, who: str, res: Reservation | None, payment_hash: str, e: BaseException) -> None:
+    """The wallet did not pay (it said so, or the request never left): give the booking back."""
+    if res:
+        res.release()
+    _paid_hashes.pop(payment_hash, None)
+    job.refuse(who, f"payment failed ({getattr(e, 'code', None) or type(e).__name__})")
+
+
+async def _resolve(wallet: Any, payment_hash: str, job: _Job, fees_if_unsaid: int) -> Any:
+    """What became of a payment whose answer never came: NIP-47 `lookup_invoice` within the call's
+    time. A Payment when the wallet shows the preimage (proof it paid), else None (still unknown).
+    Fees the wallet does not report count as the fee cap (what may have been paid)."""
+    from .wallet import NwcWallet, Payment
+
+    lookup = getattr(wallet, "lookup_invoice", None)
+    if lookup is None or job.left() <= 0:
+        return None
+    try:
+        if isinstance(wallet, NwcWallet):
+            r = await wallet.lookup_invoice(payment_hash, timeout=job.left())
+        else:
+            r = await asyncio.wait_for(lookup(payment_hash), job.left())
+    except Exception as e:  # noqa: BLE001 - no answer is no proof either way
+        log.info("job %s: lookup_invoice gave no answer (%s)", job.ev.id[:12], getattr(e, "code", None) or type(e).__name__)
+        return None
+    pre = str(r.get("preimage") or "") if isinstance(r, dict) else ""
+    try:
+        if hashlib.sha256(bytes.fromhex(pre)).hexdigest() != payment_hash:
+            return None
+    except ValueError:
+        return None
+    fees = r.get("fees_paid")  # type: ignore[union-attr]
+    fees = fees if isinstance(fees, int) and not isinstance(fees, bool) and fees >= 0 else fees_if_unsaid
+    return Payment(pre, fees)
 
 
 async def stream(cfg: SwarmConfig, req: Request) -> AsyncIterator[str | Completion]:

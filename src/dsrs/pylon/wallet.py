@@ -10,21 +10,24 @@ and preimages never appear in reprs, logs or error text.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs, urlparse
 
-from ..errors import ConfigurationError
+from ..errors import APIConnectionError, ConfigurationError
 from ..nostr import Keys, nip04, nip44, sign
 from ..nostr.keys import pubkey_hex
 from . import bolt11, pools
 from .errors import PaymentError, PaymentUnknownError
 
 INFO, REQUEST, RESPONSE = 13194, 23194, 23195
+log = logging.getLogger("dsrs.pylon.wallet")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,26 +73,182 @@ class NwcWallet:
     def client_pubkey(self) -> str:
         return self._keys.pubkey
 
-    async def encryption(self) -> str:
-        """'nip44_v2' when the wallet's info event offers it, else 'nip04' (NIP-47's rule)."""
+    async def encryption(self, timeout: float | None = None) -> str:
+        """'nip44_v2' when the wallet's info event offers it, else 'nip04' (NIP-47's rule). The info
+        query waits at most `timeout` (default self.timeout); no answer is a PaymentError with code
+        NOT_SENT (no request has been sent yet)."""
         if self._encryption is None:
-            p = pools.pool(self.relays)
-            sub = await p.subscribe([{"kinds": [INFO], "authors": [self.wallet_pubkey], "limit": 1}])
-            mode = "nip04"
+            timeout = self.timeout if timeout is None else timeout
             try:
-                try:  # stored events come before EOSE on the same connection
-                    await asyncio.wait_for(sub.eose.wait(), self.timeout)
-                except asyncio.TimeoutError:
-                    raise PaymentError("the wallet's relay did not answer", provider="nwc", code="TIMEOUT") from None
-                while not sub.queue.empty():
-                    ev = sub.queue.get_nowait()
-                    tag = ev.tag("encryption") or []
-                    if ev.kind == INFO and ev.pubkey == self.wallet_pubkey and "nip44_v2" in " ".join(tag[1:2]).split():
-                        mode = "nip44_v2"
-            finally:
-                await sub.close()
+                mode = await asyncio.wait_for(self._info(), max(0.0, timeout))
+            except (asyncio.TimeoutError, builtins.TimeoutError, APIConnectionError):
+                log.info("the wallet's relay did not answer the info query (kind 13194) within %gs", timeout)
+                raise PaymentError(f"the wallet's relay did not answer the wallet info query within {timeout:g}s; nothing was sent",
+                                   provider="nwc", code="NOT_SENT", hint="check the relay in the wallet URI (relay=...)") from None  # fmt: skip
             self._encryption = mode
         return self._encryption
+
+    async def _info(self) -> str:
+        p = pools.pool(self.relays)
+        sub = await p.subscribe([{"kinds": [INFO], "authors": [self.wallet_pubkey], "limit": 1}])
+        mode = "nip04"
+        try:
+            await sub.eose.wait()  # stored events come before EOSE on the same connection
+            while not sub.queue.empty():
+                ev = sub.queue.get_nowait()
+                tag = ev.tag("encryption") or []
+                if ev.kind == INFO and ev.pubkey == self.wallet_pubkey and "nip44_v2" in " ".join(tag[1:2]).split():
+                    mode = "nip44_v2"
+        finally:
+            await sub.close()
+        return mode
+
+    def _encrypt(self, text: str, mode: str) -> str:
+        if mode == "nip44_v2":
+            return nip44.encrypt(text, nip44.conversation_key(self._keys, self.wallet_pubkey))
+        return nip04.encrypt(text, self._keys, self.wallet_pubkey)
+
+    def _decrypt(self, text: str, mode: str) -> str:
+        if mode == "nip44_v2" and "?iv=" not in text:
+            return nip44.decrypt(text, nip44.conversation_key(self._keys, self.wallet_pubkey))
+        return nip04.decrypt(text, self._keys, self.wallet_pubkey)
+
+    async def request(self, method: str, params: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        """One NIP-47 call within `timeout` seconds in all (default self.timeout); returns `result`.
+
+        Raises PaymentError when the wallet refused, or with code NOT_SENT when the request surely
+        never reached the relay; PaymentUnknownError when it may have and no answer came in time.
+        A missing OK from the relay is not the end: the wallet's answer may still come."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        mode = await self.encryption(timeout)
+        left = max(0.0, deadline - time.monotonic())
+        tags = [["p", self.wallet_pubkey], ["expiration", str(int(time.time() + left) + 1)]]
+        if mode == "nip44_v2":
+            tags.append(["encryption", "nip44_v2"])
+        ev = sign(self._keys, REQUEST, self._encrypt(json.dumps({"method": method, "params": params}), mode), tags)
+        p = pools.pool(self.relays)
+        try:
+            sub = await asyncio.wait_for(p.subscribe([{"kinds": [RESPONSE], "authors": [self.wallet_pubkey], "#e": [ev.id]}]), left)
+        except (asyncio.TimeoutError, builtins.TimeoutError, APIConnectionError):
+            raise PaymentError(f"could not reach the wallet's relay; the {method} request was not sent", provider="nwc",
+                               code="NOT_SENT", hint="check the relay in the wallet URI (relay=...)") from None  # fmt: skip
+        pub: asyncio.Future[None] | None = asyncio.ensure_future(p.publish(ev, timeout=left))
+        got: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if got is None:
+                    got = asyncio.ensure_future(sub.queue.get())
+                done: set[Any] = set()
+                if left > 0:
+                    done, _ = await asyncio.wait({got} | ({pub} if pub else set()), timeout=left,
+                                                 return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                if pub is not None and pub in done:
+                    err = pub.exception()
+                    pub = None
+                    if err is not None and getattr(err, "event_sent", True) is False:
+                        raise PaymentError(f"the wallet's relay did not take the {method} request; nothing was sent",
+                                           provider="nwc", code="NOT_SENT", hint="check the relay in the wallet URI") from None  # fmt: skip
+                    if err is not None:  # it may have reached the wallet: its answer decides
+                        log.info("no OK from the wallet's relay for %s (%s); waiting for the wallet's answer", method,
+                                 getattr(err, "code", None) or type(err).__name__)  # fmt: skip
+                if got not in done:
+                    if not done:
+                        raise PaymentUnknownError(f"the wallet did not answer {method} within {timeout:g}s",
+                                                  provider="nwc", code="TIMEOUT",
+                                                  hint="check the wallet; the budget keeps this amount reserved")  # fmt: skip
+                    continue
+                resp, got = got.result(), None
+                if resp.pubkey != self.wallet_pubkey or resp.tag_value("e") != ev.id:
+                    continue
+                try:
+                    body = json.loads(self._decrypt(resp.content, mode))
+                except ValueError:
+                    continue  # not for us, or garbage
+                if not isinstance(body, dict) or body.get("result_type", method) != method:
+                    continue
+                err = body.get("error")
+                if err:
+                    code = str(err.get("code", "OTHER")) if isinstance(err, dict) else "OTHER"
+                    msg = str(err.get("message", "")) if isinstance(err, dict) else str(err)
+                    raise PaymentError(f"wallet refused {method}: {msg[:200]}", provider="nwc", code=code)
+                result = body.get("result")
+                if not isinstance(result, dict):
+                    raise PaymentError(f"wallet answered {method} without a result", provider="nwc", code="OTHER")
+                return result
+        finally:
+            for t in (pub, got):
+                if t is not None and not t.done():
+                    t.cancel()
+            if pub is not None and pub.done() and not pub.cancelled():
+                pub.exception()  # retrieved: the answer came first
+            await sub.close()
+
+    async def pay_invoice(self, invoice: str) -> Payment: ...
+
+    async def make_invoice(self, amount_msats: int, description: str = "", expiry: int | None = None) -> str: ...
+
+    async def lookup_invoice(self, payment_hash: str) -> dict[str, Any]: ...
+
+    async def balance(self) -> int: ...
+
+
+class NwcWallet:
+    """A NIP-47 wallet connection. `timeout` bounds each request (seconds)."""
+
+    def __init__(self, uri: str | None = None, *, timeout: float = 30.0) -> None:
+        uri = uri or os.environ.get("PYLON_NWC_URI")
+        if not uri:
+            raise ConfigurationError("no wallet connection URI", hint="pass nostr+walletconnect://... or set PYLON_NWC_URI")
+        u = urlparse(uri.strip())
+        if u.scheme not in ("nostr+walletconnect", "nostrwalletconnect"):
+            raise ConfigurationError("not a Nostr Wallet Connect URI", hint="it starts with nostr+walletconnect://")
+        q = parse_qs(u.query)
+        if not q.get("relay") or not q.get("secret"):
+            raise ConfigurationError("the wallet URI needs relay= and secret=")
+        self.wallet_pubkey = pubkey_hex(u.netloc or u.path.lstrip("/"))
+        self.relays = tuple(q["relay"])
+        self._keys = Keys(q["secret"][0])
+        self.timeout = timeout
+        self._encryption: str | None = None
+
+    def __repr__(self) -> str:
+        return f"NwcWallet(wallet={self.wallet_pubkey[:12]}..., relays={list(self.relays)})"
+
+    @property
+    def client_pubkey(self) -> str:
+        return self._keys.pubkey
+
+    async def encryption(self, timeout: float | None = None) -> str:
+        """'nip44_v2' when the wallet's info event offers it, else 'nip04' (NIP-47's rule). The info
+        query waits at most `timeout` (default self.timeout); no answer is a PaymentError with code
+        NOT_SENT (no request has been sent yet)."""
+        if self._encryption is None:
+            timeout = self.timeout if timeout is None else timeout
+            try:
+                mode = await asyncio.wait_for(self._info(), max(0.0, timeout))
+            except (asyncio.TimeoutError, builtins.TimeoutError, APIConnectionError):
+                log.info("the wallet's relay did not answer the info query (kind 13194) within %gs", timeout)
+                raise PaymentError(f"the wallet's relay did not answer the wallet info query within {timeout:g}s; nothing was sent",
+                                   provider="nwc", code="NOT_SENT", hint="check the relay in the wallet URI (relay=...)") from None  # fmt: skip
+            self._encryption = mode
+        return self._encryption
+
+    async def _info(self) -> str:
+        p = pools.pool(self.relays)
+        sub = await p.subscribe([{"kinds": [INFO], "authors": [self.wallet_pubkey], "limit": 1}])
+        mode = "nip04"
+        try:
+            await sub.eose.wait()  # stored events come before EOSE on the same connection
+            while not sub.queue.empty():
+                ev = sub.queue.get_nowait()
+                tag = ev.tag("encryption") or []
+                if ev.kind == INFO and ev.pubkey == self.wallet_pubkey and "nip44_v2" in " ".join(tag[1:2]).split():
+                    mode = "nip44_v2"
+        finally:
+            await sub.close()
+        return mode
 
     def _encrypt(self, text: str, mode: str) -> str:
         if mode == "nip44_v2":
@@ -141,13 +300,13 @@ class NwcWallet:
         finally:
             await sub.close()
 
-    async def pay_invoice(self, invoice: str) -> Payment:
+    async def pay_invoice(self, invoice: str, *, timeout: float | None = None) -> Payment:
         inv = bolt11.decode(invoice)
         try:
-            r = await self.request("pay_invoice", {"invoice": invoice})
+            r = await self.request("pay_invoice", {"invoice": invoice}, timeout=timeout)
         except PaymentError as e:
             if e.code in ("PAYMENT_FAILED", "INSUFFICIENT_BALANCE", "QUOTA_EXCEEDED", "RESTRICTED", "UNAUTHORIZED",
-                          "NOT_IMPLEMENTED", "RATE_LIMITED", "UNSUPPORTED_ENCRYPTION", "NOT_FOUND") or isinstance(e, PaymentUnknownError):  # fmt: skip
+                          "NOT_IMPLEMENTED", "RATE_LIMITED", "UNSUPPORTED_ENCRYPTION", "NOT_FOUND", "NOT_SENT") or isinstance(e, PaymentUnknownError):  # fmt: skip
                 raise
             raise PaymentUnknownError(f"the wallet reported {e.code}; the payment may or may not have gone out",
                                       provider="nwc", code=e.code) from None  # fmt: skip
@@ -170,8 +329,9 @@ class NwcWallet:
         bolt11.decode(inv)
         return inv
 
-    async def lookup_invoice(self, payment_hash: str) -> dict[str, Any]:
-        return await self.request("lookup_invoice", {"payment_hash": payment_hash})
+    async def lookup_invoice(self, payment_hash: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """The wallet's record of an invoice or an outgoing payment (NIP-47: `preimage` once settled)."""
+        return await self.request("lookup_invoice", {"payment_hash": payment_hash}, timeout=timeout)
 
     async def balance(self) -> int:
         return int((await self.request("get_balance", {})).get("balance", 0))
