@@ -454,3 +454,83 @@ async def test_x_should_retry_false_moves_on_at_once(srv, fake_retry, sleeps):
     b.script(chat_reply("from b"))
     out = await mux3(srv, fake_retry).acall("hi")
     assert out.text == "from b" and len(a.requests) == 1 and sleeps == []
+
+
+# -- issue 14: 5xx Retry-After, a stuck half-open probe, the mux's own timeout ----------------------
+async def test_5xx_with_retry_after_falls_back_at_once_while_another_lane_is_free(srv, fake_retry, sleeps):
+    a, b, _ = srv
+    a.script(default=err(503, headers={"retry-after": "60"}))
+    b.script(chat_reply("from b"))
+    out = await mux3(srv, fake_retry).acall("hi")
+    assert out.text == "from b" and len(a.requests) == 1 and sleeps == []  # nothing waited out
+    assert [(x.lane, x.outcome) for x in out.route.attempts] == [("a", "fallback"), ("b", "ok")]
+    # alone, the lane is retried, but the wait stays within rate_limit_wait (only a 429 may wait longer)
+    a.script(err(503, headers={"retry-after": "60"}), chat_reply("a again"))
+    m = LaneMux().with_options(retry_policy=fake_retry).add_lane("a", lane_lm(a))
+    assert (await m.acall("hi")).text == "a again" and sleeps == [5.0]
+
+
+class Picky:
+    """An LM of the user's own that post-processes a real LM's answer (and has a bug: KeyError)."""
+
+    provider, model = "openai", "gpt-4o-mini"
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    async def acall(self, prompt, **opts):
+        c = await self.lm.acall(prompt, **opts)
+        return {"ok": c}[c.text]  # KeyError unless the answer is "ok"
+
+    async def astream(self, prompt, **opts):
+        yield await self.acall(prompt, **opts)
+
+
+async def test_half_open_probe_ending_in_an_untyped_error_or_a_cancel_does_not_stick(srv, fake_retry):
+    a, b, _ = srv
+    clock = Clock()
+    cb = CircuitBreaker(failures=1, cooldown_s=10, clock=clock)
+    a.script(default=err(500))
+    b.script(default=chat_reply("from b"))
+    m = (LaneMux().with_options(retry_policy=fake_retry)
+         .add_lane("a", Picky(lane_lm(a).with_retries(0)), circuit=cb).add_lane("b", lane_lm(b)))  # fmt: skip
+    assert (await m.acall("hi")).text == "from b" and cb.state == "open"
+    clock.t += 10
+    a.script(default=chat_reply("not ok"))
+    with pytest.raises(KeyError):  # the probe raises a non-dsrs error: raised, and the probe is over
+        await m.acall("hi")
+    assert cb.state == "open"  # counted as a failure, not stuck half-open with its slot taken
+    clock.t += 10
+    a.script(default=Reply(delay=3600, json={}))
+    call = asyncio.ensure_future(m.acall("hi"))
+    while not a.requests:
+        await asyncio.sleep(0.01)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert cb.state == "half_open" and cb.allow()  # the cancelled probe gave its slot back
+    cb.neutral()
+    a.script(default=chat_reply("ok"))
+    assert (await m.acall("hi")).text == "ok" and cb.state == "closed"
+
+
+async def test_mux_timeout_bounds_every_lane_retry_and_wait(srv, sleeps):
+    a, b, _ = srv
+    a.script(default=Reply(delay=3600, json={}))  # stalls: the lane's own timeout (60 s default) is far away
+    b.script(default=chat_reply("from b"))
+    m = LaneMux().add_lane("a", lane_lm(a)).add_lane("b", lane_lm(b)).with_timeout(0.3)
+    with pytest.raises(dsrs.TimeoutError) as e:
+        await m.acall("hi")
+    assert "0.3 s" in str(e.value) and e.value.fallback and b.requests == []
+    # waits count too: a 429 whose Retry-After is waited out on a lone lane, then another one
+    a.script(default=err(429, headers={"retry-after": "4"}))
+    with pytest.raises(dsrs.TimeoutError):
+        await LaneMux().add_lane("a", lane_lm(a).with_retries(5)).with_timeout(0.3).acall("hi")
+    # a stream: the deadline covers the chunks after the first
+    a.script(Reply(sse=chunks("one", "two"), chunk_delay=3600))
+    with pytest.raises(dsrs.TimeoutError):
+        async for _ in LaneMux().add_lane("a", lane_lm(a)).with_timeout(0.3).astream("hi"):
+            pass
+    # within its deadline, a mux with a timeout answers as usual
+    out = await m.with_lane("b").with_timeout(30).acall("hi")
+    assert out.text == "from b" and out.route.lane == "b"

@@ -13,14 +13,19 @@ Routing one request:
    `n` attempts after the first in total (default: the number of lanes + 1); a lane is retried
    only while the budget still leaves one attempt for every lane queued after it. Backoff delays
    and sleeping come from the mux's retry policy (`mux.with_options(retry_policy=...)`).
-   - transport errors, timeouts, malformed answers, 5xx: retried on the lane, then fall back;
+   - transport errors, timeouts, malformed answers, 5xx: retried on the lane, then fall back; a
+     5xx with a Retry-After falls back at once while a queued lane's circuit is not open (alone,
+     the lane is retried, waiting at most `rate_limit_wait`);
    - `RateLimitError`: a Retry-After up to `rate_limit_wait` seconds (default 5) is waited out
      on the same lane; a longer one pauses the lane for that long and the request moves on;
    - `QuotaExceededError`, auth errors, missing keys, budget refusals: fall back at once;
    - `BadRequestError` and other non-fallback errors are raised: another lane would refuse too;
    - `ContextWindowExceededError` falls back only to lanes declaring a larger `context_window`;
    - streams fall back only before their first chunk; after it, errors propagate.
-4. Every completion carries `completion.route`, a `RouteDecision`; every error raised by the mux
+4. `mux.with_timeout(s)` bounds the whole routed call (every lane, retry and wait; for a stream,
+   every chunk too) and raises `dsrs.TimeoutError` when it runs out. A lane call that ends in
+   anything but a dsrs error (a bug in a user's LM, a cancellation) still ends a half-open probe.
+5. Every completion carries `completion.route`, a `RouteDecision`; every error raised by the mux
    carries `error.route` too.
 
 Explicit selection (`mux.with_lane("premium")`) pins the request to that lane (its retries apply,
@@ -30,6 +35,7 @@ no fallback). Lanes nest: a lane may itself be a LaneMux (it keeps its own retry
 from __future__ import annotations
 
 import asyncio
+import builtins
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import replace
@@ -45,6 +51,7 @@ from ..errors import (
     DsrsError,
     RateLimitError,
     ResponseFormatError,
+    TimeoutError,
     UnsupportedFeatureError,
 )
 from ..lm import _REQUEST_FIELDS, BaseLM, Input
@@ -81,6 +88,17 @@ def _fields(req: Request) -> dict[str, Any]:
         if v is not None and v != () and v != {}:
             out[f] = v
     return out
+
+
+def _ended_by(lane: Lane, e: BaseException) -> None:
+    """A call ended by something other than a dsrs error: a cancellation or an interrupt says
+    nothing about the lane; a bug or an untyped error from its LM counts as a failure. Either
+    way a half-open circuit's probe slot is given back, so the circuit never stays stuck."""
+    if isinstance(e, Exception):
+        lane.failures += 1
+        lane.circuit.failure()
+    else:  # asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit
+        lane.circuit.neutral()
 
 
 class LaneMux(BaseLM):
@@ -199,6 +217,10 @@ class LaneMux(BaseLM):
         d.candidates = [Candidate(lane.name, score) for score, _, lane in ranked]
         return [lane for _, _, lane in ranked]
 
+    def _rate_limit_wait(self) -> float:
+        w = self._opts.get("rate_limit_wait")
+        return DEFAULT_RATE_LIMIT_WAIT if w is None else float(w)
+
     def _verdict(
         self, lane: Lane, e: DsrsError, n: int, left: int, queue: list[Lane], request: Callable[[], Request]
     ) -> tuple[str, float]:
@@ -221,8 +243,7 @@ class LaneMux(BaseLM):
         elif isinstance(e, RateLimitError):
             lane.circuit.neutral()  # the lane works, it is busy: paused below instead of counted
             ra = e.retry_after
-            wait_max = self._opts.get("rate_limit_wait")
-            wait_max = DEFAULT_RATE_LIMIT_WAIT if wait_max is None else wait_max
+            wait_max = self._rate_limit_wait()
             if ra is not None and ra <= wait_max and n < lane.max_retries and spare:
                 action, wait = "wait", ra
             elif ra is None and not queue and n < lane.max_retries and spare:
@@ -233,8 +254,13 @@ class LaneMux(BaseLM):
                 action, wait = "fallback", 0.0
         else:
             lane.circuit.failure()
-            if should_retry(e) and n < lane.max_retries and spare:  # the provider's own SDK rule (dsrs.retry)
-                action, wait = "retry", pol.delay(n, getattr(e, "retry_after", None), e.provider)
+            ra = getattr(e, "retry_after", None)
+            if ra is not None and any(q.circuit.state != "open" for q in queue):
+                # a 5xx saying "come back later": another lane takes the call now (only a 429 waits)
+                action, wait = "fallback", 0.0
+            elif should_retry(e) and n < lane.max_retries and spare:  # the provider's own SDK rule (dsrs.retry)
+                wait = pol.delay(n, ra, e.provider)
+                action, wait = "retry", wait if ra is None else min(wait, self._rate_limit_wait())
             else:
                 action, wait = "fallback", 0.0
         if left <= 0 or (action == "fallback" and not queue):
@@ -296,9 +322,6 @@ class LaneMux(BaseLM):
                             result: Any = (agen, first)
                         else:
                             result = await lane.call_lm.acall(prompt, **opts)
-                except asyncio.CancelledError:
-                    lane.circuit.neutral()
-                    raise
                 except DsrsError as e:
                     lane.failures += 1
                     last = e
@@ -313,6 +336,9 @@ class LaneMux(BaseLM):
                     await self._retry().sleep(wait)
                     n += 1
                     continue
+                except BaseException as e:
+                    _ended_by(lane, e)
+                    raise
                 d.lane = lane.name
                 if stream:
                     d.attempts.append(Attempt(lane.name, "ok"))
@@ -358,14 +384,34 @@ class LaneMux(BaseLM):
     def acall(self, prompt: Input, **overrides: Any) -> Coroutine[Any, Any, Completion]:
         """Send one request through the lanes (awaitable, like every LM's `acall`)."""
         opts = self._call_opts(overrides)
-        if self._opts.get("cache"):
-            return self._cached(prompt, opts, None)
-        return self._start(prompt, opts, None)
+        coro = self._cached(prompt, opts, None) if self._opts.get("cache") else self._start(prompt, opts, None)
+        timeout = self._opts.get("timeout")
+        return coro if timeout is None else self._within(coro, timeout)
 
     def acomplete(self, req: Request) -> Coroutine[Any, Any, Completion]:
         if self._opts.get("cache"):
-            return self._cached(req.messages, _fields(req), req)
-        return self._start(req.messages, _fields(req), req)
+            coro = self._cached(req.messages, _fields(req), req)
+        else:
+            coro = self._start(req.messages, _fields(req), req)
+        timeout = self._opts.get("timeout")
+        return coro if timeout is None else self._within(coro, timeout)
+
+    async def _within(self, coro: Coroutine[Any, Any, Completion], seconds: float) -> Completion:
+        """`with_timeout(s)` on a mux bounds the whole routed call: every lane, retry and wait."""
+        return await self._bounded(coro, asyncio.get_running_loop().time() + seconds, seconds)
+
+    async def _bounded(self, aw: Any, deadline: float, seconds: float) -> Any:
+        cm = asyncio.timeout_at(deadline)
+        try:
+            async with cm:
+                return await aw
+        except builtins.TimeoutError:
+            if not cm.expired():  # a lane's own timeout, raised as it is
+                raise
+            raise TimeoutError(
+                f"the LaneMux call did not finish within {seconds:g} s (all lanes, retries and waits)",
+                provider=self.provider, hint="raise the mux's with_timeout(...), or lower lane retries and timeouts",
+            ) from None  # fmt: skip
 
     def _start(self, prompt: Input, opts: dict[str, Any], req: Request | None) -> Coroutine[Any, Any, Any]:
         """The routing coroutine for one call: `_first` when the first lane in priority order can
@@ -388,11 +434,11 @@ class LaneMux(BaseLM):
         try:
             with budgets.scope(extra + lane.budgets_here if lane.budgets_here else extra):
                 result = await lane.call_lm.acall(prompt, **opts)
-        except asyncio.CancelledError:
-            lane.circuit.neutral()
-            raise
         except DsrsError as e:
             return await self._route(prompt, opts, req, False, (lane, e))  # type: ignore[no-any-return]
+        except BaseException as e:
+            _ended_by(lane, e)
+            raise
         lane.circuit.success()
         lane.latency.add(time.perf_counter() - started)
         d = RouteDecision(self._policy_name(), None, lane=lane.name, order=self.names)
@@ -413,7 +459,14 @@ class LaneMux(BaseLM):
 
     async def astream(self, prompt: Input, **overrides: Any) -> AsyncIterator[str | StreamEnd]:
         """Deltas from the first lane that starts streaming; falls back only before the first chunk."""
-        lane, (agen, item), d = await self._route(prompt, self._call_opts(overrides), None, stream=True)
+        timeout = self._opts.get("timeout")
+        routed = self._route(prompt, self._call_opts(overrides), None, stream=True)
+        if timeout is None:
+            deadline = None
+            lane, (agen, item), d = await routed
+        else:  # the deadline covers routing and every later chunk
+            deadline = asyncio.get_running_loop().time() + timeout
+            lane, (agen, item), d = await self._bounded(routed, deadline, timeout)
         started = time.perf_counter()
         ended = False
         try:
@@ -428,7 +481,8 @@ class LaneMux(BaseLM):
                     return
                 yield item
                 try:
-                    item = await agen.__anext__()
+                    nxt = agen.__anext__()
+                    item = await (nxt if deadline is None else self._bounded(nxt, deadline, timeout))
                 except StopAsyncIteration:
                     ended = True
                     lane.circuit.failure()
