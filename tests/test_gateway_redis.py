@@ -17,7 +17,7 @@ from dsrs.cache import Cache
 from dsrs.errors import BudgetExceededError
 from dsrs.redis_state import RateLimiter, RedisBudget, RedisLedger, RedisState, RedisStore
 from dsrs.types import Completion, LmUsage
-from gateway_fixture import CLIENT_KEY, OTHER_KEY, GatewayProcess, InProcessGateway, get
+from gateway_fixture import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, GatewayProcess, InProcessGateway, get
 from redis_fixture import RedisServer, redis_server  # noqa: F401 - the fixture
 from scripted import chat_reply
 
@@ -203,7 +203,7 @@ def test_two_gateway_processes_share_one_budget_and_cache(scripted: Any) -> None
         assert "dsrs:usage" in text and "dsrs:budget:shared" in text and "dsrs:cache:" in text
         for secret in (CLIENT_KEY, OTHER_KEY, "sk-upstream-secret-42"):
             assert secret not in text
-        status, metrics = get(gws[0].url + "/metrics")
+        status, metrics = get(gws[0].url + "/metrics", ADMIN_KEY)
         assert "dsrs_gateway_redis_up 1" in metrics
         for g in gws:  # SIGTERM: a clean stop
             err = g.close()
@@ -221,17 +221,17 @@ def test_redis_dying_mid_run_fails_closed_and_health_says_so(scripted: Any) -> N
         scripted.script(default=chat_reply("ok", prompt_tokens=5, completion_tokens=10))
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
         client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "a"}], max_tokens=20)
-        status, health = get(gw.url + "/health")
+        status, health = get(gw.url + "/health", ADMIN_KEY)
         assert status == 200 and health["redis"]["up"] is True and health["budget_mode"] == "shared"
         srv.kill()
         with pytest.raises(openai.InternalServerError) as ei:
             client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "b"}], max_tokens=20)
         assert ei.value.status_code == 503 and ei.value.code == "budget_unavailable"
         assert len(scripted.requests) == 1  # refused before sending
-        status, health = get(gw.url + "/health")
+        status, health = get(gw.url + "/health", ADMIN_KEY)
         assert status == 503 and health["status"] == "degraded"
         assert health["redis"]["up"] is False and health["budget_mode"] == "fail_closed"
-        status, metrics = get(gw.url + "/metrics")
+        status, metrics = get(gw.url + "/metrics", ADMIN_KEY)
         assert "dsrs_gateway_redis_up 0" in metrics
     finally:
         gw.close()
@@ -249,7 +249,7 @@ def test_redis_restarted_empty_refuses_and_health_says_the_books_are_lost(script
         with pytest.raises(openai.APIStatusError) as ei:
             client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "b"}], max_tokens=20)
         assert ei.value.code == "budget_unavailable" and len(scripted.requests) == 1  # refused before sending
-        status, health = get(gw.url + "/health")
+        status, health = get(gw.url + "/health", ADMIN_KEY)
         assert status == 503 and health["status"] == "degraded" and health["budget_mode"] == "books_lost"
         assert health["redis"]["up"] is True and "shared" in health["budgets_lost"]
     finally:
@@ -267,7 +267,7 @@ def test_redis_dying_with_on_down_local_books_in_process(scripted: Any) -> None:
         srv.kill()
         r = client.chat.completions.create(model="remote", messages=[{"role": "user", "content": "b"}], max_tokens=20)
         assert r.choices[0].message.content == "ok" and len(scripted.requests) == 2
-        status, health = get(gw.url + "/health")
+        status, health = get(gw.url + "/health", ADMIN_KEY)
         assert status == 200 and health["budget_mode"] == "local_fallback" and health["redis"]["up"] is False
         local = gw.runtime.budgets["shared"]._local
         assert local is not None and local.spent_msats == r.model_extra["dsrs"]["cost_msats"] > 0
