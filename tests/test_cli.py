@@ -116,6 +116,13 @@ def _read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _answers(path):
+    """The output rows without their `_key` (a sha256 each row has; tests/test_cli_run.py checks its use)."""
+    rows = _read_jsonl(path)
+    assert all(len(r.pop("_key")) == 64 for r in rows)
+    return rows
+
+
 def answer(n):
     return chat_reply(f"[[ answer ]]\nA{n}\n\n[[ end ]]", 10, 2)
 
@@ -157,14 +164,14 @@ def test_run_failed_rows_are_kept_apart_and_retried(env, tmp_path, scripted):
     scripted.script(chat_reply("[[ answer ]]\n1\n\n[[ end ]]"), chat_reply("no idea"), chat_reply("still no idea"))
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "1 rows failed" in r.stderr and "Traceback" not in r.stderr
-    rows = _read_jsonl(out)
+    rows = _answers(out)
     assert rows[0] == {"question": "Q1", "_line": 1, "answer": 1}
     assert rows[1]["_line"] == 2 and rows[1]["_error"].startswith("AdapterParseError:")
 
     scripted.script(chat_reply("[[ answer ]]\n2\n\n[[ end ]]"))
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert _read_jsonl(out) == [{"question": "Q1", "_line": 1, "answer": 1}, {"question": "Q2", "_line": 2, "answer": 2}]
+    assert _answers(out) == [{"question": "Q1", "_line": 1, "answer": 1}, {"question": "Q2", "_line": 2, "answer": 2}]
     assert len(scripted.requests) == 1
 
 
@@ -205,7 +212,7 @@ def test_run_with_a_signature_class(env, tmp_path, scripted):
     r = subprocess.run([sys.executable, "-m", "dsrs.cli", "run", "sigs:Sentiment", "-i", str(inp), "-o", str(out),
                         "-m", "llamacpp/chat"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert _read_jsonl(out) == [{"text": "great", "_line": 1, "label": True}]
+    assert _answers(out) == [{"text": "great", "_line": 1, "label": True}]
     assert scripted.requests[0].json["messages"][0]["content"].startswith("Classify the sentiment.")
     bad = dsrs(env, "run", "sigs:Nope", "-i", str(inp), "-o", str(out))
     assert bad.returncode == 1 and bad.stderr.startswith("dsrs: cannot load the signature 'sigs:Nope'")
