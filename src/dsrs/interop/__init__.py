@@ -1,0 +1,1 @@
+"""Bridges from other LM frameworks onto dsrs LMs and lanes (`dsrs.interop.dspy`: `pip install 'dsrs[dspy]'`)."""
