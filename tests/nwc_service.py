@@ -3,7 +3,8 @@
 Each wallet connection is an account with a balance and its own node key. `make_invoice`
 issues real BOLT11 invoices (signed with that node key; preimage kept in the ledger);
 `pay_invoice` settles invoices of this ledger only (no Lightning network here) and returns the
-preimage; `lookup_invoice` and `get_balance` as in NIP-47. `nip04_only=True` publishes an info
+preimage; `lookup_invoice` (the account's invoices and its outgoing payments, with the preimage
+once settled) and `get_balance` as in NIP-47. `nip04_only=True` publishes an info
 event without an `encryption` tag, so clients must fall back to NIP-04.
 """
 
@@ -67,7 +68,8 @@ class Ledger:
         payer.balance_msats -= inv.amount_msats + self.fee_msats
         rec["payee"].balance_msats += inv.amount_msats
         rec["settled_at"] = int(time.time())
-        self.payments.append({"payer": payer.keys.pubkey, "payment_hash": inv.payment_hash, "amount": inv.amount_msats})
+        self.payments.append({"payer": payer.keys.pubkey, "payment_hash": inv.payment_hash, "amount": inv.amount_msats,
+                              "fees_paid": self.fee_msats, "invoice": text, "settled_at": rec["settled_at"]})  # fmt: skip
         return {"preimage": rec["preimage"], "fees_paid": self.fee_msats}
 
     def paid_total(self, payer: Account) -> int:
@@ -84,6 +86,7 @@ class WalletService:
         self.nip04_only = nip04_only
         self.requests: list[dict[str, Any]] = []  # decrypted requests, for assertions
         self.hold_payments = False  # never answer pay_invoice (outcome unknown for the client)
+        self.mute_payments = False  # pay, but never send the answer (the client must look it up)
         self._relay = Relay(relay_url, self.keys)
         self._task: asyncio.Task[None] | None = None
 
@@ -122,6 +125,8 @@ class WalletService:
             if self.hold_payments:
                 return
             r = self.ledger.pay(acct, params["invoice"])
+            if self.mute_payments:
+                return
             error, result = (r, None) if "code" in r else (None, r)
         elif method == "make_invoice":
             text = self.ledger.make_invoice(acct, int(params["amount"]), description=params.get("description", ""),
@@ -131,7 +136,12 @@ class WalletService:
                       "created_at": inv.timestamp, "expires_at": inv.expires_at}  # fmt: skip
         elif method == "lookup_invoice":
             rec = self.ledger.invoices.get(params.get("payment_hash", ""))
-            if rec is None or rec["payee"] is not acct:
+            out = [p for p in self.ledger.payments if p["payer"] == acct.keys.pubkey and p["payment_hash"] == params.get("payment_hash")]
+            if out and rec is not None:  # an outgoing payment of this account
+                result = {"type": "outgoing", "invoice": out[0]["invoice"], "payment_hash": out[0]["payment_hash"],
+                          "amount": out[0]["amount"], "fees_paid": out[0]["fees_paid"], "settled_at": out[0]["settled_at"],
+                          "preimage": rec["preimage"]}  # fmt: skip
+            elif rec is None or rec["payee"] is not acct:
                 error = {"code": "NOT_FOUND", "message": "no such invoice"}
             else:
                 result = {"type": "incoming", "invoice": rec["invoice"], "payment_hash": params["payment_hash"],

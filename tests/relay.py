@@ -4,7 +4,10 @@ Honest mode checks ids and signatures, answers OK/EOSE/CLOSED, stores regular ev
 ephemeral ones (20000-29999) out of storage, applies kind-5 deletions and, with
 `require_auth`, asks for NIP-42 auth first. `received` records every client message so tests
 can assert what was (or was not) sent. Hostile helpers forward what real relays would drop:
-`inject` sends any event to every subscription, ignoring filters and signatures.
+`inject` sends any event to every subscription, ignoring filters and signatures. Hostile knobs
+(sets of event kinds): `drop_ok` takes and forwards such events but never sends their OK,
+`refuse` answers OK false and forwards nothing, `silent_req` never answers a REQ asking for
+them (no stored events, no EOSE).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class TestRelay:
         self.url = ""
         self._server: Any = None
         self.on_event: list[Any] = []  # callbacks(ev) for every accepted event
+        self.drop_ok: set[int] = set()
+        self.refuse: set[int] = set()
+        self.silent_req: set[int] = set()
 
     async def start(self) -> str:
         self._server = await serve(self._handler, "127.0.0.1", 0, max_size=8 * 1024 * 1024, compression=None)
@@ -118,10 +124,14 @@ class TestRelay:
             if self.verify and verify_json(ev) is None:
                 await ws.send(json.dumps(["OK", eid, False, "invalid: bad id or signature"]))
                 return
+            if ev.get("kind") in self.refuse:
+                await ws.send(json.dumps(["OK", eid, False, "blocked: not on this relay"]))
+                return
             if any(e["id"] == eid for e in self.events):
                 await ws.send(json.dumps(["OK", eid, True, "duplicate: already have it"]))
                 return
-            await ws.send(json.dumps(["OK", eid, True, ""]))
+            if ev.get("kind") not in self.drop_ok:
+                await ws.send(json.dumps(["OK", eid, True, ""]))
             if ev["kind"] == 5:
                 gone = {t[1] for t in ev["tags"] if len(t) > 1 and t[0] == "e"}
                 self.events = [e for e in self.events if not (e["id"] in gone and e["pubkey"] == ev["pubkey"])]
@@ -134,6 +144,8 @@ class TestRelay:
             sub, filters = msg[1], msg[2:]
             if self.require_auth and not st["authed"]:
                 await ws.send(json.dumps(["CLOSED", sub, "auth-required: authenticate first"]))
+                return
+            if any(set(f.get("kinds", ())) & self.silent_req for f in filters if isinstance(f, dict)):
                 return
             st["subs"][sub] = filters
             for ev in self.events:

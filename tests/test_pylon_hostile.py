@@ -1,0 +1,187 @@
+"""Payments over a hostile network (issue 12): a relay that drops the OK of the pay request, a
+wallet that pays and never answers, a relay that never answers the wallet info query, a relay
+that refuses the pay request. Paid at most once, the money booked is what the wallet paid, and
+nothing stays reserved that was not sent. Plus: PylonLM imports without the pylon extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+import dsrs
+from dsrs.budget import Budget
+from dsrs.errors import TimeoutError
+from dsrs.pylon import NwcWallet, PaymentError, PaymentUnknownError, PylonLM
+from dsrs.types import Completion
+from nwc_service import FakeProvider, Net, honest, start_net, stop_net
+
+PRICE = 1000
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def net():
+    n = await start_net()
+    yield n
+    await stop_net(n)
+
+
+def client(net: Net, wallet: Any = None, *, timeout: float = 10.0, budget: int = 100_000) -> PylonLM:
+    return (PylonLM.new_swarm(net.relay.url).with_wallet(wallet or net.wallet).with_budget_msats(budget)
+            .with_bid_msats(5000).with_timeout(timeout))  # fmt: skip
+
+
+async def call(net: Net, lm: PylonLM, script: Any) -> tuple[Any, FakeProvider]:
+    fp = await FakeProvider(net, script).start()
+    try:
+        try:
+            return await lm.acall("What is 2+2?"), fp
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            return e, fp
+    finally:
+        await fp.stop()
+
+
+def settled(net: Net, invoice: str) -> bool:
+    from dsrs.pylon import bolt11
+
+    return net.ledger.invoices[bolt11.decode(invoice).payment_hash]["settled_at"] is not None
+
+
+async def two_quotes(fp: FakeProvider, job: Any) -> None:
+    """Quotes twice (two invoices) at once, answers once either is paid: a client that forgets a
+    payment whose OK never came pays the second one too."""
+    invs = [await fp.quote(job, PRICE), await fp.quote(job, PRICE)]
+    for _ in range(5000):
+        if any(settled(fp.net, i) for i in invs):
+            await fp.result(job, "4")
+            return
+        await asyncio.sleep(0.005)
+
+
+async def test_a_relay_that_drops_the_ok_of_the_pay_request_pays_once(net: Net) -> None:
+    net.relay.drop_ok = {23194}  # the wallet still gets the request, pays and answers
+    lm = client(net)
+    outer = Budget(100_000)
+    with dsrs.context(budget=outer):
+        out, _ = await call(net, lm, two_quotes)
+    assert isinstance(out, Completion), out
+    b: Budget = lm.options["swarm_budget"]
+    assert net.paid() == PRICE == out.usage.cost_msats  # once, and the answer says what it cost
+    assert (b.spent_msats, b.reserved_msats, b.open_reservations) == (net.paid(), 0, 0)
+    assert (outer.spent_msats, outer.reserved_msats) == (net.paid(), 0)
+    assert len([r for r in net.service.requests if r["method"] == "pay_invoice"]) == 1
+
+
+async def test_a_wallet_that_pays_but_never_answers_is_resolved_by_lookup(net: Net) -> None:
+    net.ledger.fee_msats = 3
+    net.service.mute_payments = True
+    lm = client(net, NwcWallet(net.service.uri(net.customer), timeout=0.5))
+    out, _ = await call(net, lm, honest)
+    assert isinstance(out, Completion) and out.text == "ok", out
+    b: Budget = lm.options["swarm_budget"]
+    assert net.paid() == PRICE and out.usage.cost_msats == PRICE + 3
+    assert (b.spent_msats, b.reserved_msats, b.open_reservations) == (PRICE + 3, 0, 0)
+    assert [r["method"] for r in net.service.requests] == ["pay_invoice", "lookup_invoice"]
+
+
+async def test_no_ok_and_no_answer_is_unknown_never_paid_twice_and_stays_booked(net: Net) -> None:
+    net.relay.drop_ok = {23194}
+    net.service.hold_payments = True  # the request reached the wallet; what it did is unknown
+    lm = client(net, NwcWallet(net.service.uri(net.customer), timeout=0.5), timeout=3.0)
+    outer = Budget(100_000)
+    with dsrs.context(budget=outer):
+        out, _ = await call(net, lm, two_quotes)
+    assert isinstance(out, PaymentUnknownError) and out.spent_unknown, out
+    b: Budget = lm.options["swarm_budget"]
+    assert (b.spent_msats, b.reserved_msats, b.open_reservations) == (0, PRICE + 1010, 1)  # booked, not released
+    assert outer.spent_msats == lm.worst_case_msats(lm.request("x")) and outer.reserved_msats == 0
+    assert len([r for r in net.service.requests if r["method"] == "pay_invoice"]) == 1  # the second quote: never
+    out.reservation.settle(PRICE)  # reconciled later from the wallet
+    assert (b.spent_msats, b.reserved_msats) == (PRICE, 0)
+
+
+async def test_a_relay_that_never_answers_the_wallet_info_query_books_nothing_and_keeps_the_timeout(net: Net) -> None:
+    net.relay.silent_req = {13194}
+    lm = client(net, NwcWallet(net.service.uri(net.customer)), timeout=2.0)  # the wallet's own timeout: 30 s
+    outer = Budget(100_000)
+    t = time.monotonic()
+    with dsrs.context(budget=outer):
+        out, _ = await call(net, lm, honest)
+    elapsed = time.monotonic() - t
+    assert isinstance(out, PaymentError) and not isinstance(out, PaymentUnknownError), out
+    assert out.code == "NOT_SENT" and out.spent_msats == 0 and "wallet info" in str(out)
+    assert elapsed < 2.0 + 10  # bounded by the call's timeout, not the wallet's 30 s
+    b: Budget = lm.options["swarm_budget"]
+    assert (b.spent_msats, b.reserved_msats, b.open_reservations) == (0, 0, 0)
+    assert (outer.spent_msats, outer.reserved_msats, outer.open_reservations) == (0, 0, 0)
+    assert net.relay.published(23194) == [] and net.paid() == 0
+
+
+async def test_a_relay_that_refuses_the_pay_request_releases_it(net: Net) -> None:
+    net.relay.refuse = {23194}
+    lm = client(net, timeout=1.0)
+    out, _ = await call(net, lm, honest)
+    assert isinstance(out, TimeoutError) and "payment failed (NOT_SENT)" in str(out), out
+    b: Budget = lm.options["swarm_budget"]
+    assert (b.spent_msats, b.reserved_msats, b.open_reservations) == (0, 0, 0) and net.paid() == 0
+
+
+async def test_relay_publish_says_whether_the_event_may_have_left(net: Net) -> None:
+    from dsrs.nostr import Keys, Relay, RelayError, sign
+
+    k = Keys.generate()
+    r = Relay(net.relay.url, k)
+    try:
+        net.relay.refuse = {1}
+        with pytest.raises(RelayError) as refused:
+            await r.publish(sign(k, 1, "a", []), timeout=5)
+        assert refused.value.event_sent is False
+        net.relay.refuse, net.relay.drop_ok = set(), {1}
+        with pytest.raises(TimeoutError) as unacked:
+            await r.publish(sign(k, 1, "b", []), timeout=0.2)
+        assert unacked.value.event_sent is True
+    finally:
+        await r.close()
+
+
+async def test_refusal_reasons_are_logged(net: Net, caplog: pytest.LogCaptureFixture) -> None:
+    async def greedy(fp: FakeProvider, job: Any) -> None:
+        await fp.quote(job, 9000)
+
+    caplog.set_level(logging.INFO, logger="dsrs.pylon")
+    out, fp = await call(net, client(net, timeout=0.6), greedy)
+    assert isinstance(out, TimeoutError)
+    msgs = [r.getMessage() for r in caplog.records if r.name.startswith("dsrs.pylon")]
+    assert any("asks 9000 msats, over the bid of 5000" in m and fp.pubkey[:12] in m for m in msgs), msgs
+    assert not any("lnbc" in m for m in msgs)
+
+
+def test_import_without_the_pylon_extra() -> None:
+    code = (
+        "import sys\n"
+        "for m in ('coincurve', 'websockets', 'cryptography'): sys.modules[m] = None\n"
+        "from dsrs import LaneMux, CodexSdkLM, PylonLM, Budget, ConfigurationError\n"
+        "local = PylonLM.new_local()\n"
+        "lm = PylonLM.new_swarm('ws://127.0.0.1:9').with_budget_msats(5000)\n"
+        "mux = LaneMux().add_lane('cheap', lm)\n"
+        "try:\n"
+        "    lm('hi')\n"
+        "except ConfigurationError as e:\n"
+        "    print('refused:', e)\n"
+        "b = lm.options['swarm_budget']\n"
+        "print('booked:', b.spent_msats, b.reserved_msats)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYLON_", "DSRS_"))}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "refused:" in p.stdout and "pip install 'dsrs[pylon]'" in p.stdout, p.stdout
+    assert "booked: 0 0" in p.stdout
