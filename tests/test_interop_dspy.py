@@ -1,0 +1,242 @@
+"""dspy programs on dsrs (`dsrs.interop.dspy`): dspy 3.4's own modules and optimizer, unmodified, with
+their calls made by dsrs LMs and lanes against the scripted OpenAI-chat server and the real llama.cpp server."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import pytest
+
+os.environ.setdefault("DSPY_CACHEDIR", tempfile.mkdtemp(prefix="dsrs-tests-dspy-"))  # never the user's cache
+
+import dspy  # noqa: E402
+from dspy.utils.exceptions import LMBillingError  # noqa: E402
+
+import dsrs  # noqa: E402
+import dsrs.interop.dspy as dd  # noqa: E402
+from conftest import FEW_SHOT  # noqa: E402
+from dsrs import LM, Budget, LaneMux  # noqa: E402
+from dsrs.budget import lm_worst_case  # noqa: E402
+from scripted import Reply, chat_reply  # noqa: E402
+
+
+def answer(text: str, **kw: object) -> Reply:
+    return chat_reply(f"[[ ## answer ## ]]\n{text}\n\n[[ ## completed ## ]]", **kw)  # type: ignore[arg-type]
+
+
+def openai_lm(srv: object) -> LM:
+    return LM("openai/gpt-4o-mini", base_url=srv.url + "/v1", api_key="sk-test").with_retries(0)  # type: ignore[attr-defined]
+
+
+def causes(e: BaseException) -> list[BaseException]:
+    out = []
+    x: BaseException | None = e
+    while x is not None and x not in out:
+        out.append(x)
+        x = x.__cause__ or x.__context__
+    return out
+
+
+SYSTEM = (
+    "Your input fields are:\n1. `question` (str):\nYour output fields are:\n1. `answer` (str):\n"
+    "All interactions will be structured in the following way, with the appropriate values filled in.\n\n"
+    "[[ ## question ## ]]\n{question}\n\n[[ ## answer ## ]]\n{answer}\n\n[[ ## completed ## ]]\n"
+    "In adhering to this structure, your objective is: \n        Given the fields `question`, produce the fields `answer`."
+)
+
+
+def test_predict_sends_the_request_dspy_built_and_usage_reaches_the_tracker(scripted):
+    scripted.script(answer("Paris", prompt_tokens=40, completion_tokens=6))
+    dlm = dd.lm(openai_lm(scripted).with_temperature(0.0).with_max_tokens(64))
+    dspy.configure(lm=dlm, adapter=None, track_usage=True)
+    result = dspy.Predict("question -> answer")(question="What is the capital of France?")
+    assert result.answer == "Paris"
+    (seen,) = scripted.requests
+    assert seen.path == "/v1/chat/completions"
+    assert seen.headers["authorization"] == "Bearer sk-test"
+    assert seen.json == {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "[[ ## question ## ]]\nWhat is the capital of France?\n\nRespond with the "
+             "corresponding output fields, starting with the field `[[ ## answer ## ]]`, and then ending with the "
+             "marker for `[[ ## completed ## ]]`."},
+        ],
+        "max_completion_tokens": 64,
+        "temperature": 0.0,
+    }  # fmt: skip
+    # tokens (from Response.usage) and msats (added by the engine) in dspy's usage tracker:
+    # 40 x $0.15/M + 6 x $0.60/M = $0.0000096 = 9.6 msats, rounded up per call
+    usage = result.get_lm_usage()["dsrs/openai/gpt-4o-mini"]
+    assert usage["prompt_tokens"] == 40 and usage["completion_tokens"] == 6 and usage["total_tokens"] == 46
+    assert usage["cost_msats"] == 10
+    entry = dlm.history[-1]
+    assert entry["usage"]["total_tokens"] == 46
+    assert entry["cost"] == pytest.approx(0.00001) and entry["cost_details"]["cost_msats"] == 10
+    assert entry["cost_details"]["cost_source"] == "price_table"
+    assert entry["response"].provider_data["dsrs"]["provider"] == "openai"
+
+
+def test_options_from_dspy_reach_the_wire(scripted):
+    scripted.script(answer("Paris"))
+    dlm = dd.lm(openai_lm(scripted), temperature=0.7, max_tokens=32, stop=["\n\n\n"], seed=7)
+    with dspy.context(lm=dlm, adapter=None):
+        dspy.Predict("question -> answer")(question="q?")
+    body = scripted.requests[0].json
+    assert (body["temperature"], body["max_completion_tokens"], body["stop"], body["seed"]) == (0.7, 32, ["\n\n\n"], 7)
+
+
+def test_chain_of_thought(scripted):
+    scripted.script(chat_reply("[[ ## reasoning ## ]]\nFrance's capital is Paris.\n\n[[ ## answer ## ]]\nParis\n\n"
+                               "[[ ## completed ## ]]", prompt_tokens=60, completion_tokens=12))  # fmt: skip
+    dspy.configure(lm=dd.lm(openai_lm(scripted)), adapter=None, track_usage=True)
+    result = dspy.ChainOfThought("question -> answer")(question="What is the capital of France?")
+    assert (result.reasoning, result.answer) == ("France's capital is Paris.", "Paris")
+    system = scripted.requests[0].json["messages"][0]["content"]
+    assert "1. `reasoning` (str)" in system and "2. `answer` (str)" in system
+    assert result.get_lm_usage()["dsrs/openai/gpt-4o-mini"]["total_tokens"] == 72
+
+
+def test_react_tool_loop(scripted):
+    calls = []
+
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return f"sunny in {city}"
+
+    scripted.script(
+        chat_reply('[[ ## next_thought ## ]]\nI should look it up.\n\n[[ ## next_tool_name ## ]]\nget_weather\n\n'
+                   '[[ ## next_tool_args ## ]]\n{"city": "Paris"}\n\n[[ ## completed ## ]]'),
+        chat_reply("[[ ## next_thought ## ]]\nI know it now.\n\n[[ ## next_tool_name ## ]]\nfinish\n\n"
+                   "[[ ## next_tool_args ## ]]\n{}\n\n[[ ## completed ## ]]"),
+        chat_reply("[[ ## reasoning ## ]]\nThe tool said sunny.\n\n[[ ## answer ## ]]\nSunny\n\n[[ ## completed ## ]]"),
+    )  # fmt: skip
+    dspy.configure(lm=dd.lm(openai_lm(scripted)), adapter=None, track_usage=True)
+    result = dspy.ReAct("question -> answer", tools=[get_weather], max_iters=4)(question="Weather in Paris?")
+    assert result.answer == "Sunny" and calls == ["Paris"]
+    assert len(scripted.requests) == 3
+    # the tool's observation went back to the model in the next turn, and the extract step saw it too
+    assert "sunny in Paris" in scripted.requests[1].json["messages"][-1]["content"]
+    assert "sunny in Paris" in scripted.requests[2].json["messages"][-1]["content"]
+    assert result.get_lm_usage()["dsrs/openai/gpt-4o-mini"]["total_tokens"] == 21
+
+
+def test_native_tool_calls_round_trip(scripted):
+    class Weather(dspy.Signature):
+        """Answer with tools."""
+
+        question: str = dspy.InputField()
+        tools: list[dspy.Tool] = dspy.InputField()
+        calls: dspy.ToolCalls = dspy.OutputField()
+
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    scripted.script(Reply(json={
+        "id": "chatcmpl-2", "object": "chat.completion", "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": None,
+                     "tool_calls": [{"id": "call_1", "type": "function",
+                                     "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]}}],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39},
+    }))  # fmt: skip
+    with dspy.context(lm=dd.lm(openai_lm(scripted)), adapter=dspy.ChatAdapter(use_native_function_calling=True)):
+        result = dspy.Predict(Weather)(question="Weather in Paris?", tools=[dspy.Tool(get_weather)])
+    assert [(c.name, c.args) for c in result.calls.tool_calls] == [("get_weather", {"city": "Paris"})]
+    assert scripted.requests[0].json["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
+
+
+def test_quota_error_is_not_retried_by_dspy(scripted):
+    scripted.script(default=Reply(429, json={"error": {"message": "You exceeded your current quota",
+                                                       "type": "insufficient_quota", "code": "insufficient_quota"}}))  # fmt: skip
+    with dspy.context(lm=dd.lm(openai_lm(scripted).with_retries(3), num_retries=3), adapter=None):
+        with pytest.raises(LMBillingError) as info:
+            dspy.Predict("question -> answer")(question="q?")
+    assert len(scripted.requests) == 1  # neither dsrs nor dspy retried it
+    assert any(isinstance(x, dsrs.QuotaExceededError) for x in causes(info.value))
+
+
+def test_rate_limit_is_retried_by_dspy_when_asked(scripted):
+    scripted.script(Reply(429, json={"error": {"message": "slow down", "type": "rate_limit_exceeded"}},
+                          headers={"retry-after": "0"}), answer("Paris"))  # fmt: skip
+    with dspy.context(lm=dd.lm(openai_lm(scripted), num_retries=1), adapter=None):
+        assert dspy.Predict("question -> answer")(question="q?").answer == "Paris"
+    assert len(scripted.requests) == 2
+
+
+def test_hard_budget_refuses_before_sending(scripted):
+    scripted.script(default=answer("Paris"))
+    budget = Budget(1)
+    with dspy.context(lm=dd.lm(openai_lm(scripted).with_budget(budget), num_retries=3), adapter=None):
+        with pytest.raises(LMBillingError) as info:
+            dspy.Predict("question -> answer")(question="q?")
+    assert scripted.requests == [] and budget.spent_msats == 0 and budget.reserved_msats == 0
+    assert any(isinstance(x, dsrs.BudgetExceededError) for x in causes(info.value))
+
+
+def test_lanemux_route_reaches_dspy_history(scripted, llama_server):
+    scripted.script(default=Reply(429, json={"error": {"message": "quota", "type": "insufficient_quota"}}))
+    local = LM("llamacpp/gemma", base_url=llama_server.url + "/v1").with_temperature(0).with_stop("\n").with_max_tokens(8)
+    mux = LaneMux().add_lane("cloud", openai_lm(scripted)).add_lane("local", local)
+    dlm = dd.lm(mux, program="dspy-route-test")
+    started = time.time()
+    out = dlm(FEW_SHOT)
+    assert "Paris" in out[0]
+    entry = dlm.history[-1]
+    assert entry["lane"] == "local" and entry["route"]["lane"] == "local"
+    assert [(a["lane"], a["outcome"]) for a in entry["route"]["attempts"]] == [("cloud", "fallback"), ("local", "ok")]
+    assert entry["cost"] == 0.0 and entry["cost_details"]["cost_source"] == "free"
+    assert entry["usage"]["completion_tokens"] >= 1
+    rows = [r for r in dsrs.ledger.default_ledger().rows(since=started) if r.program == "dspy-route-test"]
+    assert [(r.lane, r.provider, r.cost_msats) for r in rows] == [("local", "llamacpp", 0)]
+
+
+def test_bootstrap_fewshot_compiles_through_a_lanemux_with_a_hard_budget(scripted):
+    trainset = [dspy.Example(question=f"What is the capital of {c}?", answer=a).with_inputs("question")
+                for c, a in (("France", "Paris"), ("Brazil", "Brasilia"), ("Norway", "Oslo"))]  # fmt: skip
+    replies = [answer(a, prompt_tokens=150, completion_tokens=10) for a in ("Paris", "Brasilia", "Oslo")]
+
+    def compile_with(budget: Budget, program: str) -> tuple[dspy.Module, list[dsrs.ledger.Row]]:
+        scripted.script(*replies)
+        mux = LaneMux().add_lane("main", openai_lm(scripted).with_max_tokens(200)).with_budget(budget)
+        started = time.time()
+        with dspy.context(lm=dd.lm(mux, program=program), adapter=None):
+            opt = dspy.teleprompt.BootstrapFewShot(metric=lambda ex, pred, trace=None: ex.answer == pred.answer,
+                                                   max_bootstrapped_demos=3, max_labeled_demos=0, max_errors=10)  # fmt: skip
+            compiled = opt.compile(dspy.Predict("question -> answer"), trainset=trainset)
+        rows = [r for r in dsrs.ledger.default_ledger().rows(since=started) if r.program == program]
+        return compiled, rows
+
+    wide = Budget(10**6)
+    compiled, rows = compile_with(wide, "bootstrap-wide")
+    assert len(compiled.demos) == 3 and len(scripted.requests) == 3
+    assert [r.lane for r in rows] == ["main"] * 3
+    per_call = rows[0].cost_msats  # 150 x 0.15 + 10 x 0.6 msats = 28.5 -> 29
+    assert per_call == 29 and all(r.cost_msats == per_call for r in rows)
+    assert wide.spent_msats == 3 * per_call and wide.reserved_msats == 0
+
+    # the worst case dsrs reserves for each of these (equal-length) prompts, from what was sent
+    first = scripted.requests[0].json["messages"]
+    base = openai_lm(scripted).with_max_tokens(200)
+    worst = lm_worst_case(base, base.request([dsrs.Message.coerce(m) for m in first]))
+    assert worst is not None and worst > per_call
+    # room for two calls' cost and a third's worst case, less one msat: the third is refused unsent
+    tight = Budget(2 * per_call + worst - 1)
+    compiled, rows = compile_with(tight, "bootstrap-tight")
+    assert len(scripted.requests) == 2 and len(compiled.demos) == 2
+    assert [r.lane for r in rows] == ["main"] * 2
+    assert tight.spent_msats == 2 * per_call <= tight.limit_msats and tight.reserved_msats == 0
+
+
+def test_import_dsrs_interop_does_not_import_dspy():
+    import subprocess
+    import sys
+
+    code = "import sys, dsrs, dsrs.interop.dspy; print('dspy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
