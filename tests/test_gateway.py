@@ -598,3 +598,259 @@ def test_transport_errors_name_the_lane_and_error_class_not_the_upstream_address
         assert status == 502 and "127.0.0.1" not in body and ":9" not in body and "lane 'dead'" in body
     finally:
         gw.close()
+
+
+# -- issue 14: every booked call accounted; slow clients; admin key; logs; models/{id}; serve --init --
+def _wait_for(cond: Any, what: str, tries: int = 3000) -> None:
+    """Poll `cond` (10 ms apart, up to 30 s: a bound far above need, never a timing assertion)."""
+    for _ in range(tries):
+        if cond():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+def _ledger_rows(gw: InProcessGateway, lane: str) -> list[Any]:
+    return [r for r in gw.runtime.ledger.rows() if r.lane == lane]
+
+
+def test_an_abandoned_stream_is_in_the_ledger_metrics_and_counters_as_booked(scripted: Any) -> None:
+    from dsrs import pricing
+    from dsrs.budget import MESSAGE_OVERHEAD
+
+    up = SlowUpstream()
+    gw = InProcessGateway({
+        "cache": {"enabled": False},
+        "lanes": {"abandoned-lane": {"lm": "openai/gpt-4o-mini", "base_url": f"http://127.0.0.1:{up.port}/v1",
+                                     "api_key_env": "UPSTREAM_KEY", "options": {"retries": 0, "max_tokens": 100}}},
+        "budgets": {"all": {"limit_msats": 10_000}},
+        "gateway": {"budget": "all"},
+        "keys": {"alice": {"key_env": "CLIENT_KEY"}},
+    })  # fmt: skip
+    try:
+        stream = sdk(gw).chat.completions.create(model="abandoned-lane", messages=[{"role": "user", "content": "hi"}],
+                                                 stream=True)  # fmt: skip
+        first = next(iter(stream))
+        assert first.choices[0].delta.role == "assistant"
+        stream.close()  # the client walks away mid-stream
+        assert up.cancelled.wait(30), "the upstream stream was not cancelled"
+        budget = gw.runtime.budgets["all"]
+        worst = pricing.cost_msats("openai", "gpt-4o-mini", 2 + MESSAGE_OVERHEAD, 100)
+        _wait_for(lambda: budget.open_reservations == 0, "the reservation settled")
+        assert budget.spent_msats == worst > 0  # by design: the provider may go on generating
+        _wait_for(lambda: 'status="499"' in get(gw.url + "/metrics", ADMIN_KEY)[1], "the request was counted")
+        _, text = get(gw.url + "/metrics", ADMIN_KEY)
+        assert f'dsrs_lane_msats_total{{lane="abandoned-lane"}} {worst}' in text
+        assert 'dsrs_lane_unsettled_total{lane="abandoned-lane",reason="abandoned"} 1' in text
+        assert 'dsrs_gateway_requests_total{endpoint="/v1/chat/completions",status="499"} 1' in text
+        _wait_for(lambda: _ledger_rows(gw, "abandoned-lane"), "the ledger row")
+        (row,) = _ledger_rows(gw, "abandoned-lane")
+        assert row.cost_msats == worst and row.cost_source == "estimate" and row.estimated
+        assert row.program == "key:alice" and row.model == "gpt-4o-mini"
+    finally:
+        gw.close()
+        up.close()
+
+
+def test_a_call_that_timed_out_after_sending_is_in_the_ledger_and_metrics(scripted: Any) -> None:
+    from dsrs import pricing
+    from dsrs.budget import MESSAGE_OVERHEAD
+
+    gw = InProcessGateway({
+        "cache": {"enabled": False},
+        "lanes": {"stalling-lane": _scripted_lane(scripted, timeout=0.5, max_tokens=50)},
+        "budgets": {"all": {"limit_msats": 10_000}},
+        "gateway": {"budget": "all"},
+        "keys": {"alice": {"key_env": "CLIENT_KEY"}},
+    })  # fmt: skip
+    try:
+        scripted.script(Reply(delay=60, json=chat_reply("late").json))
+        with pytest.raises(openai.APIStatusError) as ei:
+            sdk(gw).chat.completions.create(model="stalling-lane", messages=[{"role": "user", "content": "hey"}])
+        assert ei.value.status_code == 504
+        worst = pricing.cost_msats("openai", "gpt-4o-mini", 3 + MESSAGE_OVERHEAD, 50)
+        assert gw.runtime.budgets["all"].spent_msats == worst  # a timeout may have been billed
+        _, text = get(gw.url + "/metrics", ADMIN_KEY)
+        assert f'dsrs_lane_msats_total{{lane="stalling-lane"}} {worst}' in text
+        assert 'dsrs_lane_unsettled_total{lane="stalling-lane",reason="error"} 1' in text
+        _wait_for(lambda: _ledger_rows(gw, "stalling-lane"), "the ledger row")
+        (row,) = _ledger_rows(gw, "stalling-lane")
+        assert row.cost_msats == worst and row.cost_source == "estimate"
+    finally:
+        gw.close()
+
+
+def test_metrics_need_the_admin_key_and_health_is_minimal_without_it(remote_gateway: InProcessGateway) -> None:
+    url = remote_gateway.url
+    for key in (None, CLIENT_KEY, "sk-wrong"):
+        status, body = get(url + "/metrics", key)
+        assert status == 401 and body["error"]["code"] == "admin_key_required"
+    status, text = get(url + "/metrics", ADMIN_KEY)
+    assert status == 200 and "# TYPE" in text or text == "\n"
+    assert get(url + "/health") == (200, {"status": "ok"})
+    assert get(url + "/health", CLIENT_KEY) == (200, {"status": "ok"})
+    status, full = get(url + "/health", ADMIN_KEY)
+    assert status == 200 and full["budget_mode"] == "local" and full["models"] == ["remote"]
+
+
+def test_public_metrics_and_admin_key_settings() -> None:
+    from dsrs.errors import ConfigurationError
+    from dsrs.gateway.config import key_hash, parse
+
+    lane = {"lanes": {"a": {"lm": "openai/gpt-4o-mini"}}, "keys": {"k": {"key_env": "K"}}}
+    assert parse({**lane, "gateway": {"public_metrics": True}}, env={"K": "sk-k-1"}).public_metrics
+    cfg = parse(lane, env={"K": "sk-k-1", "DSRS_ADMIN_KEY": "sk-admin-1"})
+    assert cfg.admin_sha256 == key_hash("sk-admin-1") and "sk-admin-1" not in repr(cfg) and cfg.admin_sha256 not in repr(cfg)
+    assert parse(lane, env={"K": "sk-k-1"}).admin_sha256 is None  # no admin key: /metrics is closed to all
+    with pytest.raises(ConfigurationError, match="ADMIN_X .*empty or unset"):
+        parse({**lane, "gateway": {"admin_key_env": "ADMIN_X"}}, env={"K": "sk-k-1"})
+    with pytest.raises(ConfigurationError, match="admin key is also a client key"):
+        parse(lane, env={"K": "sk-same", "DSRS_ADMIN_KEY": "sk-same"})
+
+
+def test_require_keys_false_with_keys_defined_is_refused() -> None:
+    from dsrs.errors import ConfigurationError
+    from dsrs.gateway.config import parse
+
+    doc = {"lanes": {"a": {"lm": "openai/gpt-4o-mini"}}, "keys": {"k": {"key_env": "K"}}, "gateway": {"require_keys": False}}
+    with pytest.raises(ConfigurationError, match="bypass the keys' budgets, rate limits and model lists") as ei:
+        parse(doc, env={"K": "sk-k-1"})
+    assert "require_keys = true" in (ei.value.hint or "")
+
+
+def _recv_all(s: socket.socket) -> bytes:
+    """Everything until the server closes (a 60 s socket timeout fails the test instead of hanging)."""
+    s.settimeout(60)
+    got = b""
+    while True:
+        part = s.recv(65536)
+        if not part:
+            return got
+        got += part
+
+
+def test_stalled_connections_are_closed_and_one_address_is_capped(scripted: Any) -> None:
+    gw = InProcessGateway({
+        "cache": {"enabled": False}, "lanes": {"remote": _scripted_lane(scripted)},
+        "keys": {"alice": {"key_env": "CLIENT_KEY"}},
+        "gateway": {"header_timeout_s": 0.5, "body_timeout_s": 0.5, "max_connections_per_client": 3},
+    })  # fmt: skip
+    socks = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(3)]
+    try:
+        silent, half_headers, half_body = socks
+        half_headers.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bear")
+        half_body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"mo")  # fmt: skip
+        # a fourth connection from the same address is refused at once, with a 503 that says why
+        with socket.create_connection(("127.0.0.1", gw.port)) as fourth:
+            busy = _recv_all(fourth)
+        assert busy.startswith(b"HTTP/1.1 503") and b"too_many_connections" in busy
+        assert _recv_all(silent) == b""  # closed: headers never came
+        assert _recv_all(half_headers) == b""
+        answer = _recv_all(half_body)
+        assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+        assert scripted.requests == []
+        scripted.script(chat_reply("ok"))  # the slots are free again
+        r = sdk(gw).chat.completions.create(model="remote", messages=[{"role": "user", "content": "x"}])
+        assert r.choices[0].message.content == "ok"
+    finally:
+        for s in socks:
+            s.close()
+        gw.close()
+
+
+def test_a_lone_surrogate_is_a_400_and_logs_no_error(remote_gateway: InProcessGateway, scripted: Any,
+                                                     caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    caplog.set_level(logging.DEBUG)
+    for body in (b'{"model": "remote", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+                 b'{"model": "remote", "input": [{"role": "user", "content": "\\udfff"}]}',
+                 b'{"model": "remote", "messages": [{"role": "user", "content": "x", "\\ud83d": 1}]}'):  # fmt: skip
+        path = "/v1/responses" if b'"input"' in body else "/v1/chat/completions"
+        status, text = _post_raw(remote_gateway.url + path, body)
+        assert status == 400 and json.loads(text)["error"]["code"] == "invalid_json", text
+    assert scripted.requests == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    scripted.script(chat_reply("pair ok"))  # a proper surrogate pair is an emoji, and fine
+    status, text = _post_raw(remote_gateway.url + "/v1/chat/completions",
+                             b'{"model": "remote", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}')  # fmt: skip
+    assert status == 200 and scripted.requests[0].json["messages"][0]["content"] == "\U0001f600"
+
+
+def test_malformed_requests_are_logged_in_bounded_warnings(remote_gateway: InProcessGateway,
+                                                           caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    from dsrs.gateway.logs import LIMIT
+
+    caplog.set_level(logging.DEBUG)
+    for raw in (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"z" * 131072 + b"\r\n",
+                b"GET /" + b"\x01" * 100_000 + b" HTTP/1.1\r\n\r\n"):  # fmt: skip
+        with socket.create_connection(("127.0.0.1", remote_gateway.port)) as s:
+            s.sendall(raw)
+            assert _recv_all(s).startswith(b"HTTP/1.0 400")
+    server = [r for r in caplog.records if r.name.startswith("aiohttp")]
+    assert server, "aiohttp logged nothing about the malformed requests"
+    for r in server:
+        text = caplog.handler.format(r)
+        assert len(text) < 2 * LIMIT + 500 and r.levelno <= logging.WARNING, (r.levelname, len(text))
+    assert get(remote_gateway.url + "/health") == (200, {"status": "ok"})
+
+
+def test_access_log_line_per_request_without_keys_or_prompts(remote_gateway: InProcessGateway, scripted: Any,
+                                                             caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    caplog.set_level(logging.INFO, logger="dsrs.gateway.access")
+    scripted.script(chat_reply("the secret answer"))
+    sdk(remote_gateway).chat.completions.create(model="remote", messages=[{"role": "user", "content": "my private prompt"}])
+    with pytest.raises(openai.NotFoundError):
+        sdk(remote_gateway).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    lines = [r.getMessage() for r in caplog.records if r.name == "dsrs.gateway.access"]
+    ok = [ln for ln in lines if ln.startswith("POST /v1/chat/completions 200")]
+    assert len(ok) == 1 and "model=remote lane=remote key=alice" in ok[0] and "tokens=" in ok[0] and "latency_ms=" in ok[0]
+    assert "msats=" in ok[0] and "tokens=-" not in ok[0]
+    assert any(ln.startswith("POST /v1/chat/completions 404") and "model=nope" in ln for ln in lines)
+    for ln in lines:
+        assert CLIENT_KEY not in ln and "private prompt" not in ln and "secret answer" not in ln
+
+
+def test_get_one_model_by_id(gateway: InProcessGateway) -> None:
+    m = sdk(gateway).models.retrieve("gpt-5.5")
+    assert m.id == "gpt-5.5" and m.object == "model" and m.model_extra["dsrs"]["lanes"] == ["local"]
+    with pytest.raises(openai.NotFoundError):
+        sdk(gateway).models.retrieve("no-such-model")
+    with pytest.raises(openai.NotFoundError):  # bob may only use "remote"
+        sdk(gateway, OTHER_KEY).models.retrieve("gpt-5.5")
+    assert sdk(gateway, OTHER_KEY).models.retrieve("remote").id == "remote"
+    with pytest.raises(openai.AuthenticationError):
+        sdk(gateway, "sk-wrong").models.retrieve("remote")
+
+
+def test_serve_init_writes_a_sample_that_serves_on_the_printed_port(tmp_path: Any) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "dsrs.toml"
+    gw = [sys.executable, "-m", "dsrs.gateway"]
+    p = subprocess.run([*gw, "--init", str(path)], capture_output=True, timeout=60)
+    assert p.returncode == 0 and path.exists() and b"dsrs serve --config" in p.stdout
+    p = subprocess.run([*gw, "--init", str(path)], capture_output=True, timeout=60)
+    assert p.returncode == 2 and b"already exists" in p.stderr  # never overwritten
+    p = subprocess.run(gw, capture_output=True, timeout=60)
+    assert p.returncode == 2 and b"--init" in p.stderr
+    p = subprocess.run([*gw, "--config", str(tmp_path / "missing.toml")], capture_output=True, timeout=60)
+    assert p.returncode == 2 and b"dsrs serve --init" in p.stderr
+    env = {**os.environ, "DSRS_CLIENT_KEY": "sk-sample-client-1", "OPENAI_API_KEY": "sk-not-used"}
+    proc = subprocess.Popen([*gw, "--config", str(path), "--port", "0"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        line = proc.stdout.readline().decode()  # type: ignore[union-attr]
+        assert line.startswith("dsrs gateway on http://127.0.0.1:"), line
+        port = int(line.split("127.0.0.1:")[1].split("/")[0])
+        assert port > 0
+        assert get(f"http://127.0.0.1:{port}/health") == (200, {"status": "ok"})
+        ids = [m.id for m in openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-sample-client-1").models.list()]
+        assert ids == ["local", "openai", "default"]
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]

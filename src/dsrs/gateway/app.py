@@ -138,6 +138,10 @@ class Handlers:
                    count_request: bool = True) -> None:  # fmt: skip
         """Book in the ledger and the metrics what the budgets kept for a call that has no answer to
         show: `reason` "abandoned" (the client left) or "error" (it failed after the request went out)."""
+        info = request[logs.INFO_KEY]
+        if info.get("unsettled"):  # once per request (a stream's end and its cancellation both come here)
+            return
+        info["unsettled"] = True
         lane = route.lane or route.name
         self.m.inc("dsrs_lane_unsettled_total", lane=lane, reason=reason)
         if msats:
@@ -148,7 +152,7 @@ class Handlers:
         if self.rt.ledger is not None:
             self.rt.ledger.record(c, lane=lane, program=f"key:{key.name}")
         if count_request:
-            request[logs.INFO_KEY].update(lane=lane, msats=msats)
+            info.update(lane=lane, msats=msats)
 
     def _failed(self, route: Route | None, e: BaseException) -> requests.WireError:
         tried = getattr(getattr(e, "route", None), "attempts", None)  # a LaneMux's: the last lane tried failed
