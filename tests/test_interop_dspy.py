@@ -240,3 +240,76 @@ def test_import_dsrs_interop_does_not_import_dspy():
     code = "import sys, dsrs, dsrs.interop.dspy; print('dspy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def _chunk(delta: dict, finish: str | None = None) -> dict:
+    return {"id": "chatcmpl-9", "object": "chat.completion.chunk", "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+
+
+async def test_async_predict_uses_the_async_engine(scripted):
+    scripted.script(answer("Paris", prompt_tokens=40, completion_tokens=6))
+    with dspy.context(lm=dd.lm(openai_lm(scripted)), adapter=None, track_usage=True):
+        result = await dspy.Predict("question -> answer").acall(question="What is the capital of France?")
+    assert result.answer == "Paris" and len(scripted.requests) == 1
+    assert result.get_lm_usage()["dsrs/openai/gpt-4o-mini"] == {
+        "prompt_tokens": 40, "completion_tokens": 6, "total_tokens": 46, "cost_msats": 10}  # fmt: skip
+
+
+async def test_streamify_streams_through_dsrs(scripted):
+    text = "[[ ## answer ## ]]\nParis is the capital\n\n[[ ## completed ## ]]"
+    pieces = [text[i:i + 6] for i in range(0, len(text), 6)]
+    scripted.script(Reply(sse=[_chunk({"role": "assistant", "content": ""})] + [_chunk({"content": p}) for p in pieces]
+                      + [_chunk({}, "stop"), {"id": "chatcmpl-9", "object": "chat.completion.chunk", "choices": [],
+                         "model": "gpt-4o-mini", "usage": {"prompt_tokens": 30, "completion_tokens": 12,
+                                                           "total_tokens": 42}}, "[DONE]"]))  # fmt: skip
+    program = dspy.streamify(dspy.Predict("question -> answer"),
+                             stream_listeners=[dspy.streaming.StreamListener(signature_field_name="answer")])  # fmt: skip
+    chunks, final = [], None
+    with dspy.context(lm=dd.lm(openai_lm(scripted)), adapter=None):
+        async for item in program(question="What is the capital of France?"):
+            if isinstance(item, dspy.streaming.StreamResponse):
+                chunks.append(item.chunk)
+            elif isinstance(item, dspy.Prediction):
+                final = item
+    assert final is not None and final.answer == "Paris is the capital"
+    assert "".join(chunks).strip() == "Paris is the capital" and len(chunks) > 1
+    body = scripted.requests[0].json
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+def test_json_adapter_response_format_reaches_the_wire(scripted):
+    scripted.script(chat_reply('{"answer": "Paris"}'))
+    with dspy.context(lm=dd.lm(openai_lm(scripted)), adapter=dspy.JSONAdapter()):
+        assert dspy.Predict("question -> answer")(question="q?").answer == "Paris"
+    rf = scripted.requests[0].json["response_format"]
+    assert rf["type"] == "json_schema" and rf["json_schema"]["name"] == "DSPyProgramOutputs"
+    assert rf["json_schema"]["schema"]["properties"] == {"answer": {"title": "Answer", "type": "string"}}
+
+
+def test_images_go_as_content_parts(scripted):
+    scripted.script(answer("a cat"))
+    with dspy.context(lm=dd.lm(openai_lm(scripted)), adapter=None):
+        out = dspy.Predict("image: dspy.Image -> answer")(image=dspy.Image("https://example.com/cat.png"))
+    assert out.answer == "a cat"
+    user = scripted.requests[0].json["messages"][-1]
+    assert {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}} in user["content"]
+
+
+def test_what_dsrs_cannot_send_is_refused_not_dropped(scripted):
+    from dspy import lm15
+
+    engine = dd.DsrsEngine(openai_lm(scripted))
+    req = lm15.Request(model="m", messages=(lm15.Message.user("hi"),),
+                       config=lm15.Config(reasoning=lm15.Reasoning(effort="high")))  # fmt: skip
+    with pytest.raises(lm15.UnsupportedFeatureError) as info:
+        engine.complete(req)
+    assert info.value.feature == "config.reasoning" and scripted.requests == []
+
+
+def test_a_pylon_local_lm_runs_a_dspy_call(llama_server):
+    pylon = dsrs.PylonLM.new_local().with_backend("llama.cpp").with_model("gemma").with_options(
+        base_url=llama_server.url + "/v1", temperature=0, stop=("\n",), max_tokens=8)  # fmt: skip
+    dlm = dd.lm(pylon)
+    assert "Paris" in dlm(FEW_SHOT)[0]
+    assert dlm.history[-1]["cost_details"]["cost_msats"] == 0
