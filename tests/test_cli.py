@@ -36,9 +36,8 @@ def test_ask_answers_offline_on_the_embedded_model_and_records_usage(env):
     r = subprocess.run([str(exe), "ask", "What is the capital of France?"], env=env, capture_output=True, text=True,
                        timeout=180)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    answer, usage = r.stdout.strip().splitlines()
-    assert answer == "Paris"
-    m = USAGE_LINE.match(usage)
+    assert r.stdout == "Paris\n"  # the answer only: `dsrs ask ... > file` gets just it
+    m = USAGE_LINE.match(r.stderr.strip().splitlines()[-1])
     assert m and int(m[1]) + int(m[2]) == int(m[3]) and int(m[2]) >= 1
     u = dsrs(env, "usage")
     assert u.returncode == 0
@@ -46,9 +45,9 @@ def test_ask_answers_offline_on_the_embedded_model_and_records_usage(env):
 
 
 def test_ask_streams(env):
-    r = dsrs(env, "ask", "What is the capital of Japan?", "--stream", "--quiet-usage")
+    r = dsrs(env, "ask", "What is the capital of Japan?", "--stream")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "Tokyo"
+    assert r.stdout == "Tokyo\n"
     assert USAGE_LINE.match(r.stderr.strip().splitlines()[-1])
 
 
@@ -56,8 +55,7 @@ def test_ask_on_an_auto_detected_lane(env):
     env.pop("LLAMACPP_BASE_URL", None)
     r = dsrs(env, "ask", "What is the capital of France?", "--lane", "local")
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.strip().splitlines()
-    assert lines[0] == "Paris" and " lane local]" in lines[1]
+    assert r.stdout == "Paris\n" and " lane local]" in r.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize(
@@ -223,12 +221,14 @@ def test_ask_a_chat_model_prices_the_call(env, scripted):
     scripted.script(chat_reply("[[ answer ]]\nParis\n\n[[ end ]]", 1000, 10, model="gpt-4o-mini"))
     r = dsrs(env, "ask", "What is the capital of France?", "--model", "openai/gpt-4o-mini")
     assert r.returncode == 0, r.stderr
-    answer, usage = r.stdout.strip().splitlines()
+    answer, usage = r.stdout.strip(), r.stderr.strip().splitlines()[-1]
     # gpt-4o-mini lists at 0.15 / 0.60 USD per Mtok: 1000 * 0.15 + 10 * 0.60 = 156 micro-USD = 156 msats at 1M msats/USD
     assert answer == "Paris"
     assert usage == "[openai/gpt-4o-mini] tokens: 1000 prompt + 10 completion = 1010; cost: 156 msats ($0.000156)"
     (seen,) = scripted.requests
-    assert seen.headers["authorization"] == "Bearer sk-cli-secret" and seen.json["max_completion_tokens"] == 64  # OpenAI's newer name
+    assert seen.headers["authorization"] == "Bearer sk-cli-secret"
+    # no output cap by default for a chat model (a reasoning model spends tokens thinking first)
+    assert "max_completion_tokens" not in seen.json and "max_tokens" not in seen.json
     assert seen.json["messages"][-1]["content"].startswith("[[ question ]]\nWhat is the capital of France?")
     assert "sk-cli-secret" not in r.stdout + r.stderr
 
@@ -243,3 +243,57 @@ def test_serve_and_pylon_serve_are_subcommands(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dsrs.cli", "pylon", "serve", "--help"],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0 and "--price-msats" in r.stdout
+
+
+def _chunk(content=None, usage=None):
+    choices = [] if content is None else [{"index": 0, "delta": {"content": content}, "finish_reason": None}]
+    return {"id": "chatcmpl-s", "object": "chat.completion.chunk", "model": "gpt-4o-mini", "choices": choices,
+            "usage": usage}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        ["[[ answer ]]\nParis\n\n[[ end ]]"],
+        ["[", "[ ans", "wer ]", "]\n", "Pa", "ris", "\n", "\n[", "[ end", " ]]"],  # markers split across chunks
+        ["[[ answer ]]\n", "Paris [", "not a marker", "]\n\n", "[[ end ]]"],  # a lone `[` in the answer
+    ],
+)
+def test_ask_stream_prints_only_the_answer_text(env, scripted, pieces):
+    env.update(OPENAI_API_KEY="sk-cli-secret", OPENAI_BASE_URL=scripted.url + "/v1")
+    usage = {"prompt_tokens": 1000, "completion_tokens": 10, "total_tokens": 1010}
+    scripted.script(Reply(sse=[*(_chunk(p) for p in pieces), _chunk(usage=usage), "[DONE]"]))
+    r = dsrs(env, "ask", "What is the capital of France?", "--model", "openai/gpt-4o-mini", "--stream")
+    assert r.returncode == 0, r.stderr
+    expected = "Paris [not a marker]" if "not a marker" in "".join(pieces) else "Paris"
+    assert r.stdout == expected + "\n"  # no `[[ answer ]]` / `[[ end ]]` markers
+    assert r.stderr.strip().splitlines()[-1].startswith("[openai/gpt-4o-mini] tokens: 1000 prompt + 10 completion")
+    assert scripted.requests[0].json["stream"] is True
+
+
+def test_ask_max_tokens_is_sent_when_given(env, scripted):
+    env.update(OPENAI_API_KEY="sk-cli-secret", OPENAI_BASE_URL=scripted.url + "/v1")
+    scripted.script(chat_reply("[[ answer ]]\nParis\n\n[[ end ]]", model="gpt-4o-mini"))
+    r = dsrs(env, "ask", "What is the capital of France?", "-m", "openai/gpt-4o-mini", "--max-tokens", "2000")
+    assert r.returncode == 0, r.stderr
+    assert scripted.requests[0].json["max_completion_tokens"] == 2000
+
+
+def test_version_and_help_for_every_option(env):
+    from dsrs import __version__
+    from dsrs.cli import parser
+
+    r = dsrs(env, "--version")
+    assert r.returncode == 0 and r.stdout == f"dsrs {__version__}\n"
+
+    def walk(p, path):
+        for a in p._actions:
+            if a.help is None or not str(a.help).strip():
+                yield f"{path} {'/'.join(a.option_strings) or a.dest}"
+            for name, sub in (getattr(a, "choices", None) or {}).items() if hasattr(a, "_name_parser_map") else ():
+                yield from walk(sub, f"{path} {name}")
+
+    assert list(walk(parser(), "dsrs")) == []
+    h = subprocess.run([sys.executable, "-m", "dsrs.cli", "run", "--help"], env=env, capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert h.returncode == 0 and "--drop-stale" in h.stdout and "_key" in h.stdout

@@ -28,10 +28,51 @@ def _out(*a: Any, **kw: Any) -> None:
 
 
 # -- ask --------------------------------------------------------------------------------------
+BASE_MAX_TOKENS = 64  # the embedded base model runs on past its answer without a cap
+
+
+class _AnswerStream:
+    """The text of one output field as the raw stream arrives: what follows the chat adapter's
+    `[[ answer ]]` marker up to the next marker, or (completion adapter) the continuation itself.
+    Trailing whitespace and a lone trailing `[` are held back until more text shows they belong
+    to the answer, so what is printed is always a prefix of the final field."""
+
+    def __init__(self, field: str, marked: bool) -> None:
+        import re
+
+        self.marker = re.compile(rf"\[\[[ \t]*{re.escape(field)}[ \t]*\]\]") if marked else None
+        self.raw = ""
+        self.shown = ""
+
+    def visible(self) -> str:
+        text = self.raw
+        if self.marker is not None:
+            m = self.marker.search(text)
+            if m is None:
+                return ""
+            text = text[m.end() :]
+        text = text.lstrip()
+        end = text.find("[[") if self.marker is not None else text.find("\n")
+        if end >= 0:
+            text = text[:end]
+        elif self.marker is not None and text.endswith("["):
+            text = text[:-1]
+        return text.rstrip()
+
+    def feed(self, delta: str) -> str:
+        """The new text to print after `delta`."""
+        self.raw += delta
+        now = self.visible()
+        if not now.startswith(self.shown):
+            return ""  # cannot happen with the hold-back rules; never print something to take back
+        new, self.shown = now[len(self.shown) :], now
+        return new
+
+
 async def _ask(args: argparse.Namespace) -> int:
     from .errors import ConfigurationError
     from .lm import LM
-    from .predict import Predict
+    from .predict import Predict, values
     from .predict.adapters import CompletionAdapter, resolve
 
     question = args.question.strip()
@@ -40,24 +81,36 @@ async def _ask(args: argparse.Namespace) -> int:
     if args.lane:
         from .lanes import LaneMux
 
-        lm: Any = (await LaneMux.auto_detect()).with_max_tokens(args.max_tokens)
+        lm: Any = await LaneMux.auto_detect()
         probe = lm.with_lane(args.lane)
     else:
-        lm = LM(args.model or DEFAULT_MODEL, max_tokens=args.max_tokens)
+        lm = LM(args.model or DEFAULT_MODEL)
         probe = lm
     adapter = resolve(None, probe)
     base = isinstance(adapter, CompletionAdapter)
+    max_tokens = args.max_tokens if args.max_tokens is not None else BASE_MAX_TOKENS if base else None
+    if max_tokens is not None:
+        lm = lm.with_max_tokens(max_tokens)
     if base and not args.lane:
         lm = lm.with_temperature(0.0)
     qa = Predict("question -> answer", demos=ASK_DEMOS if base else (), adapter=adapter)
     if args.stream:
         result = None
+        field = _AnswerStream("answer", marked=not base)
         async for item in qa.astream(question=question, lm=lm, lane=args.lane):
             if isinstance(item, str):
-                _out(item, end="")
+                text = field.feed(item)
+                if text:
+                    _out(text, end="")
             else:
                 result = item
-        _out()
+        assert result is not None
+        final = result.answer if isinstance(result.answer, str) else values.format(result.answer)
+        if final.startswith(field.shown):
+            _out(final[len(field.shown) :])
+        else:  # the answer came from the JSON adapter's retry, not the stream
+            _out()
+            _out(final)
     else:
         result = await qa.aforward(question=question, lm=lm, lane=args.lane)
         _out(result.answer)
@@ -68,7 +121,7 @@ async def _ask(args: argparse.Namespace) -> int:
     print(
         f"[{c.provider}/{c.model}{lane}] tokens: {u.prompt_tokens} prompt + {u.completion_tokens} completion"
         f" = {u.total_tokens}; cost: {cost}" + (" (cache hit)" if u.cache_hit else ""),
-        file=sys.stderr if args.quiet_usage else sys.stdout,
+        file=sys.stderr,  # stdout holds the answer only: `dsrs ask ... > answer.txt`
         flush=True,
     )
     return 0
@@ -500,18 +553,25 @@ async def _usage(args: argparse.Namespace) -> int:
 
 # -- main -------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="dsrs", description="One LM layer for DSPy-style programs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p.add_argument("--version", action="version", version=f"dsrs {__version__}", help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd", required=True, help="`dsrs COMMAND --help` shows a command's options")
 
-    ask = sub.add_parser("ask", help="answer one question (the embedded model by default, offline)")
-    ask.add_argument("question")
+    ask = sub.add_parser("ask", help="answer one question (the embedded model by default, offline)",
+                         description="Answer one question. The answer goes to stdout, the usage line"
+                         " (model, tokens, cost) to stderr.")  # fmt: skip
+    ask.add_argument("question", help="the question, quoted")
     who = ask.add_mutually_exclusive_group()
     who.add_argument("--model", "-m", help="provider/model, e.g. openai/gpt-4o-mini (default: %s)" % DEFAULT_MODEL)
     who.add_argument("--lane", "-l", help="a lane of LaneMux.auto_detect(): premium, fast, cheap, local")
-    ask.add_argument("--max-tokens", type=int, default=64)
-    ask.add_argument("--stream", action="store_true")
-    ask.add_argument("--quiet-usage", action="store_true", help="print the usage line on stderr")
+    ask.add_argument("--max-tokens", type=int, metavar="N",
+                     help=f"cap on the answer's tokens (default: {BASE_MAX_TOKENS} for a base model such as the embedded"
+                     " one, none for chat models: reasoning models spend tokens thinking before they answer)")  # fmt: skip
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument("--quiet-usage", action="store_true", help=argparse.SUPPRESS)  # the usage line is always on stderr now
 
     doc = sub.add_parser("doctor", help="providers, keys, local servers and what auto-detect builds")
     doc.add_argument("--timeout", type=float, default=0.5, help="seconds per local probe")
@@ -534,7 +594,8 @@ def parser() -> argparse.ArgumentParser:
                      help="progress bar on stderr (default: when stderr is a terminal)")  # fmt: skip
 
     use = sub.add_parser("usage", help="the usage ledger: calls, tokens and msats")
-    use.add_argument("--by", choices=("model", "lane", "day", "provider", "program"), default="model")
+    use.add_argument("--by", choices=("model", "lane", "day", "provider", "program"), default="model",
+                     help="group the calls by this (default: model)")  # fmt: skip
     use.add_argument("--days", type=float, help="only the last N days")
     use.add_argument("--plot", metavar="OUT.png", help="draw cost and tokens per day (needs matplotlib)")
 
@@ -543,7 +604,7 @@ def parser() -> argparse.ArgumentParser:
     add_arguments(sub.add_parser("serve", help="an OpenAI-compatible gateway over dsrs lanes"))
 
     pylon = sub.add_parser("pylon", help="Pylon (NIP-90): `dsrs pylon serve --help` sells a model to the swarm")
-    pylon.add_argument("action", choices=("serve",))
+    pylon.add_argument("action", choices=("serve",), help="serve: sell a model's answers to the swarm")
     pylon.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of `dsrs pylon serve`")
     return p
 
