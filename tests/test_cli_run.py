@@ -169,6 +169,7 @@ def test_run_refuses_an_output_that_is_not_a_run_output(env, tmp_path, scripted)
         (("-m", "openai/gpt-4o-mini"), "dsrs: [openai] no API key for openai -> set OPENAI_API_KEY"),
         (("-m", "nowhere/model"), "dsrs: unknown provider 'nowhere'"),
         (("--lane", "premium"), "dsrs: no lane named 'premium'"),
+        (("-m", "embedded/missing.gguf"), "dsrs: [embedded/missing.gguf] no embedded model named 'missing.gguf'"),
     ],
 )
 def test_run_fails_fast_on_a_missing_key_or_unknown_lane(env, tmp_path, scripted, args, message):
@@ -239,3 +240,16 @@ def test_ctrl_c_on_the_embedded_model_writes_no_failed_rows(env, tmp_path):
     assert "Traceback" not in err and "cannot schedule" not in err
     rows = read(out)
     assert rows and not [row for row in rows if "cannot schedule" in row.get("_error", "")], rows
+
+
+def test_run_output_of_an_older_dsrs_without_keys_is_named_as_such(env, tmp_path, scripted):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write(inp, [{"question": "Q1"}, {"question": "Q2"}])
+    write(out, [{"question": "Q1", "_line": 1, "answer": "A1"}])  # the line-number format of before
+    scripted.script(default=answer("X"))
+    r = run(env, "-i", str(inp), "-o", str(out), "-m", "llamacpp/chat")
+    assert r.returncode == 1 and "holds 1 answered rows" in r.stderr and "1 written by an older dsrs without _key" in r.stderr
+    assert scripted.requests == []
+    r = run(env, "-i", str(inp), "-o", str(out), "-m", "llamacpp/chat", "--drop-stale")
+    assert r.returncode == 0, r.stderr
+    assert [(row["question"], row["answer"]) for row in read(out)] == [("Q1", "X"), ("Q2", "X")]

@@ -408,6 +408,17 @@ async def _run_lm(args: argparse.Namespace) -> Any:
     else:
         lm = LM(args.model or DEFAULT_MODEL)
         getattr(lm, "backend", None)  # builds the client: a missing key or base URL raises here
+        if lm.provider == "embedded":  # the model file and the engine, which the first call would load
+            import asyncio
+            import importlib.util
+
+            from .errors import ConfigurationError
+            from .providers import embedded
+
+            await asyncio.to_thread(embedded.model_path, lm.model)
+            if importlib.util.find_spec("xllamacpp") is None:
+                raise ConfigurationError("the embedded engine is not installed", provider="embedded",
+                                         hint="pip install 'dsrs[local]'")  # fmt: skip
     if args.max_tokens:
         lm = lm.with_max_tokens(args.max_tokens)
     return lm
@@ -433,9 +444,11 @@ async def _run(args: argparse.Namespace) -> int:
     keys = [_row_key(sig, r) for r in rows]
     done, stale = _answered(args.output, keys)
     if stale and not args.drop_stale:
+        old = sum(1 for r in stale if "_key" not in r)
+        why = f"{old} written by an older dsrs without _key" if old else "the signature or those input rows changed"
         raise ConfigurationError(
             f"the output {args.output} holds {len(stale)} answered rows that match no input row under this signature"
-            " (the signature or those input rows changed)",
+            f" ({why})",
             hint="write to a new --output, or pass --drop-stale to discard those answers and answer the rest",
         )
     lm = await _run_lm(args)
