@@ -53,7 +53,7 @@ from ..errors import (
     TimeoutError,
     UnsupportedFeatureError,
 )
-from ..types import Completion, Message, StreamEnd, Tool, ToolCall
+from ..types import Completion, Message, Role, StreamEnd, Tool, ToolCall
 
 __all__ = ["DsrsEngine", "AsyncDsrsEngine", "lm", "to_dsrs", "to_response", "to_lm15_error"]
 
@@ -64,13 +64,13 @@ _SUPPORTED_PARAMS = frozenset({"temperature", "max_tokens", "top_p", "stop", "se
 
 
 def _lm15() -> Any:
-    from dspy import lm15
+    from dspy import lm15  # type: ignore[import-untyped]
 
     return lm15
 
 
 # -- request: dspy.lm15.Request -> (dsrs messages, dsrs options) -----------------------------------------
-def _refuse(what: str, feature: str) -> Exception:
+def _refuse(what: str, feature: str) -> Any:
     return _lm15().UnsupportedFeatureError(f"dsrs cannot send {what}", feature=feature, provider="dsrs")
 
 
@@ -129,7 +129,7 @@ def _messages(request: Any) -> list[Message]:
                 continue  # the model's own annotations of an earlier turn: not sent back (as dspy's LiteLLM path)
             else:
                 raise _refuse(f"a {p.type} part in a {m.role} message", where)
-        role = "system" if m.role == "developer" else m.role
+        role: Role = "system" if m.role == "developer" else m.role
         text = "".join(texts)
         has_image = any(p["type"] == "image" for p in parts)
         if has_image and role != "user":
@@ -253,7 +253,7 @@ def to_response(c: Completion, model: str) -> Any:
 
 
 # -- errors ------------------------------------------------------------------------------------------------
-def to_lm15_error(e: DsrsError) -> Exception:
+def to_lm15_error(e: DsrsError) -> Any:
     """The `dspy.lm15` error dspy expects for a dsrs error (raise it `from e`)."""
     lm15 = _lm15()
     from ..pylon.errors import PaymentError, PaymentRequiredError
@@ -307,7 +307,7 @@ class _Base:
         self.ledger = ledger
 
     def _prepare(self, request: Any) -> tuple[list[Message], dict[str, Any]]:
-        from dspy.clients.engines.base import validate_request
+        from dspy.clients.engines.base import validate_request  # type: ignore[import-untyped]
 
         validate_request(request)
         return to_dsrs(request)
@@ -330,14 +330,14 @@ class _Base:
 
 def _track_cost(model: str, c: Completion) -> None:
     """The call's msats into dspy's usage tracker (beside the tokens dspy records from `Response.usage`)."""
-    from dspy.dsp.utils.settings import settings
+    from dspy.dsp.utils.settings import settings  # type: ignore[import-untyped]
 
     tracker = settings.usage_tracker
     if tracker is not None and c.usage.cost_msats is not None:
         tracker.add_usage(model, {"cost_msats": c.usage.cost_msats})
 
 
-def _mapped(e: DsrsError) -> Exception:
+def _mapped(e: DsrsError) -> Any:
     err = to_lm15_error(e)
     err.__cause__ = e
     return err
@@ -423,7 +423,7 @@ def _lm_class() -> Any:
     if _LM_CLASS is None:
         import dspy
 
-        class DspyLM(dspy.LM):  # type: ignore[misc, name-defined]
+        class DspyLM(dspy.LM):  # type: ignore[misc]
             """A `dspy.LM` over a dsrs LM (see `dsrs.interop.dspy`)."""
 
             def update_history(self, entry: dict[str, Any]) -> None:
