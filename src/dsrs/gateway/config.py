@@ -4,7 +4,9 @@
 [gateway]
 host = "127.0.0.1"
 port = 8088
-require_keys = true            # a request without a valid client key gets 401 and spends nothing
+require_keys = true            # a request without a valid client key gets 401 and spends nothing; false (a
+                               # private host: any caller, the [gateway] budget only) is refused with [keys]
+                               # defined, since keyless requests would bypass the keys' budgets and limits
 max_body_bytes = 4194304
 budget = "global"              # a budget every call books on (optional)
 # admin_key_env = "DSRS_ADMIN_KEY"  # the admin key's env var (this one by default; or admin_key_sha256 = "<hex>"):
