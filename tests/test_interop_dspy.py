@@ -313,3 +313,55 @@ def test_a_pylon_local_lm_runs_a_dspy_call(llama_server):
     dlm = dd.lm(pylon)
     assert "Paris" in dlm(FEW_SHOT)[0]
     assert dlm.history[-1]["cost_details"]["cost_msats"] == 0
+
+
+async def test_bootstrap_fewshot_over_a_paid_swarm_lane_with_a_hard_budget(scripted):
+    """BootstrapFewShot whose calls go through a LaneMux to a Pylon swarm lane: each call is a NIP-90
+    job on our relay, paid over NWC to a `pylon serve` provider (whose own model is the scripted
+    server, so that dspy gets answers in its format). The ledger shows each call on the swarm lane
+    at the invoice price; the hard budget lets two paid calls through and refuses the third unsent."""
+    import asyncio
+
+    from dsrs import _sync
+    from dsrs.pylon import NwcWallet, PylonLM, pools
+    from dsrs.pylon.serve import Provider, lm_for
+    from nwc_service import start_net, stop_net
+
+    net = await start_net()
+    acct = net.ledger.open(0)
+    prov = Provider(lm_for("openai/gpt-4o-mini", None, scripted.url + "/v1"), [net.relay.url], price_msats=1000,
+                    wallet=NwcWallet(net.service.uri(acct), timeout=5))  # fmt: skip
+    os.environ["OPENAI_API_KEY"] = "sk-provider"
+    try:
+        await prov.start()
+        swarm = (PylonLM.new_swarm(net.relay.url).with_wallet(net.wallet).with_budget_msats(100_000)
+                 .with_bid_msats(5000).with_timeout(60).with_max_tokens(64))  # fmt: skip
+        worst = swarm.worst_case_msats(swarm.request("x"))
+        budget = Budget(2 * 1000 + worst - 1)
+        mux = LaneMux().add_lane("swarm", swarm).with_budget(budget)
+        trainset = [dspy.Example(question=f"What is the capital of {c}?", answer=a).with_inputs("question")
+                    for c, a in (("France", "Paris"), ("Brazil", "Brasilia"), ("Norway", "Oslo"))]  # fmt: skip
+        scripted.script(*(answer(a) for a in ("Paris", "Brasilia", "Oslo")))
+
+        def run() -> tuple[dspy.Module, float]:
+            started = time.time()
+            try:
+                with dspy.context(lm=dd.lm(mux, program="bootstrap-swarm"), adapter=None):
+                    opt = dspy.teleprompt.BootstrapFewShot(
+                        metric=lambda ex, pred, trace=None: ex.answer == pred.answer,
+                        max_bootstrapped_demos=3, max_labeled_demos=0, max_errors=10)  # fmt: skip
+                    return opt.compile(dspy.Predict("question -> answer"), trainset=trainset), started
+            finally:
+                _sync.run(pools.aclose())  # this thread's relay connections
+
+        compiled, started = await asyncio.to_thread(run)
+    finally:
+        os.environ.pop("OPENAI_API_KEY", None)
+        await prov.stop()
+        await stop_net(net)
+    assert len(compiled.demos) == 2 and len(scripted.requests) == 2
+    assert "What is the capital of France?" in scripted.requests[0].json["messages"][-1]["content"]
+    rows = [r for r in dsrs.ledger.default_ledger().rows(since=started) if r.program == "bootstrap-swarm"]
+    assert [(r.lane, r.provider, r.cost_msats, r.cost_source) for r in rows] == [("swarm", "pylon", 1000, "invoice")] * 2
+    assert budget.spent_msats == 2000 <= budget.limit_msats and budget.reserved_msats == 0
+    assert net.paid() == 2000 and acct.balance_msats == 2000
