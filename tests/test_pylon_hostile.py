@@ -1,7 +1,8 @@
 """Payments over a hostile network (issue 12): a relay that drops the OK of the pay request, a
 wallet that pays and never answers, a relay that never answers the wallet info query, a relay
 that refuses the pay request. Paid at most once, the money booked is what the wallet paid, and
-nothing stays reserved that was not sent. Plus: PylonLM imports without the pylon extra.
+nothing stays reserved that was not sent. Calls the budget cannot fit fail at once, refusal
+reasons are logged, and PylonLM imports without the pylon extra.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ async def test_no_ok_and_no_answer_is_unknown_never_paid_twice_and_stays_booked(
         out, _ = await call(net, lm, two_quotes)
     assert isinstance(out, PaymentUnknownError) and out.spent_unknown, out
     b: Budget = lm.options["swarm_budget"]
-    assert (b.spent_msats, b.reserved_msats, b.open_reservations) == (0, PRICE + 1010, 1)  # booked, not released
+    booked = lm.worst_case_msats(lm.request("x"))  # the bid + fee cap, booked before the job went out
+    assert (b.spent_msats, b.reserved_msats, b.open_reservations) == (0, booked, 1)  # kept, not released
     assert outer.spent_msats == lm.worst_case_msats(lm.request("x")) and outer.reserved_msats == 0
     assert len([r for r in net.service.requests if r["method"] == "pay_invoice"]) == 1  # the second quote: never
     out.reservation.settle(PRICE)  # reconciled later from the wallet
@@ -185,3 +187,21 @@ def test_import_without_the_pylon_extra() -> None:
     assert p.returncode == 0, p.stderr
     assert "refused:" in p.stdout and "pip install 'dsrs[pylon]'" in p.stdout, p.stdout
     assert "booked: 0 0" in p.stdout
+
+
+async def test_concurrent_calls_the_budget_cannot_fit_fail_fast(net: Net) -> None:
+    lm = client(net, budget=3 * 5000, timeout=60.0).with_fee_cap_msats(0)  # room for three bids at a time
+    fp = await FakeProvider(net, honest).start()
+    try:
+        t = time.monotonic()
+        outs = await asyncio.gather(*(lm.acall(f"job {i}") for i in range(12)), return_exceptions=True)
+        elapsed = time.monotonic() - t
+    finally:
+        await fp.stop()
+    ok = [o for o in outs if isinstance(o, Completion)]
+    refused = [o for o in outs if isinstance(o, dsrs.BudgetExceededError)]
+    assert len(ok) + len(refused) == 12 and 1 <= len(ok) <= 12 and refused, outs
+    assert elapsed < 60  # no refused call waited out its 60 s timeout
+    b: Budget = lm.options["swarm_budget"]
+    assert net.paid() == b.spent_msats == len(ok) * PRICE and (b.reserved_msats, b.open_reservations) == (0, 0)
+    assert len(net.relay.published(5050)) == len(ok)  # a refused call published nothing

@@ -10,6 +10,7 @@ import pytest_asyncio
 from conftest import FEW_SHOT, free_port
 from dsrs.errors import ConfigurationError, TimeoutError
 from dsrs.pylon import PylonLM
+from dsrs.pylon import swarm
 from dsrs.pylon.swarm import DEFAULT_RELAY
 from dsrs.types import CostSource, StreamEnd
 from nwc_service import FakeProvider, Net, honest, start_net, stop_net
@@ -113,7 +114,9 @@ def test_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     w = "nostr+walletconnect://" + "ab" * 32 + "?relay=ws://127.0.0.1:1&secret=" + "11" * 32
     s = PylonLM.new_swarm("wss://x").with_wallet(w).with_budget_msats(10_000).with_timeout(30)
     assert "11" * 32 not in repr(s) and "11" * 32 not in repr(s.options["wallet"])
-    assert s.swarm_config().bid_msats == 10_000 and s.swarm_config().timeout == 30.0
+    cfg = s.swarm_config()  # the default bid fits the budget with its fee cap
+    assert 8_000 < cfg.bid_msats and cfg.bid_msats + swarm.fee_cap(cfg, cfg.bid_msats) <= 10_000 and cfg.timeout == 30.0
+    assert PylonLM.new_swarm("wss://x").swarm_config().bid_msats == 10_000  # no budget
 
 
 def test_hybrid_worst_case_is_free_without_swarm_fallback() -> None:

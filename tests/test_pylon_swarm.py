@@ -160,8 +160,10 @@ async def test_over_budget(net: Net) -> None:
     async def script(fp: FakeProvider, job: Any) -> None:
         await fp.quote(job, 4000)
 
-    lm = client(net, budget=4500, timeout=0.6)  # 4000 + fee cap (1040) > 4500
-    await _refused(net, script, "4000 msats + fee cap", lm)
+    lm = client(net, budget=4500, timeout=30)  # the bid 5000 + fee cap (1050) > 4500: refused before publishing
+    out, _ = await run_with(net, script, lm)
+    assert isinstance(out, BudgetExceededError) and "worst case 6050 msats, 4500 msats left" in str(out), out
+    assert "with_bid_msats" in str(out) and net.relay.published(5050) == [] and net.paid() == 0
     assert lm.options["swarm_budget"].reserved_msats == 0
 
 
@@ -280,7 +282,7 @@ async def test_unknown_payment_outcome_keeps_the_reservation(net: Net) -> None:
     out, _ = await run_with(net, honest, lm)
     assert isinstance(out, PaymentUnknownError)
     b: Budget = lm.options["swarm_budget"]
-    assert b.open_reservations == 1 and b.reserved_msats == PRICE + 1010 and b.spent_msats == 0
+    assert b.open_reservations == 1 and b.reserved_msats == 5000 + 1050 and b.spent_msats == 0  # the bid + fee cap
     out.reservation.release()  # reconciled later: it did not go out
     assert b.reserved_msats == 0 and b.open_reservations == 0
 
@@ -453,7 +455,7 @@ async def test_a_wallet_that_raises_releases_the_reservation_unless_the_outcome_
     out, _ = await run_with(net, honest, lm)
     assert isinstance(out, PaymentUnknownError)
     b = lm.options["swarm_budget"]
-    assert (b.reserved_msats, b.open_reservations) == (PRICE + 1010, 1) and out.reservation is not None
+    assert (b.reserved_msats, b.open_reservations) == (5000 + 1050, 1) and out.reservation is not None
     out.reservation.release()
     assert net.paid() == 0
 

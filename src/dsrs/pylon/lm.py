@@ -110,8 +110,10 @@ class PylonLM(BaseLM):
         return self.with_budget(Budget(n))
 
     def with_budget(self, budget: Budget) -> PylonLM:
-        """Swarm payments reserve `quote + fee cap` on `budget` when a quote arrives, settle to what
-        was paid, release on failure (local calls are free and go through BaseLM's guard)."""
+        """Each swarm job reserves its bid + fee cap on `budget` before it is published (a call that
+        cannot fit fails at once with BudgetExceededError), settles to what was paid, releases when
+        nothing was (local calls are free and go through BaseLM's guard). Without with_bid_msats,
+        the bid (at most 10,000 msats) is lowered until it fits the budget with its fee cap."""
         if self.mode == "local":
             return self._with(budget=budget)
         return self._with(swarm_budget=budget)
@@ -198,7 +200,7 @@ class PylonLM(BaseLM):
             wallet = NwcWallet()
         keys = None if o.get("fresh_keys") else (o.get("keys") or Keys.from_env())
         budget = o.get("swarm_budget")
-        bid = o.get("bid_msats") or (min(10_000, budget.limit_msats) if budget else 10_000)
+        bid = o.get("bid_msats") or _default_bid(budget.limit_msats if budget else None, o.get("fee_cap_msats"))
         return swarm.SwarmConfig(
             relays=o.get("relays") or relays_from(None), bid_msats=bid, timeout=o.get("timeout") or 60.0,
             wallet=wallet, budget=budget, auto_pay=o.get("auto_pay", True), fee_cap_msats=o.get("fee_cap_msats"),
@@ -214,6 +216,16 @@ class PylonLM(BaseLM):
             return sw
         return _Hybrid(_Local(self._local_lm().backend), sw if self._opts.get("swarm_fallback", True) else None,
                        self._opts.get("local_timeout") or 5.0, self._opts.get("fallback_on") or FALLBACK_ON)  # fmt: skip
+
+
+def _default_bid(limit: int | None, cap: int | None) -> int:
+    """10,000 msats, lowered until it fits `limit` together with its fee cap (at least 1)."""
+    bid = 10_000 if limit is None else min(10_000, limit)
+    if limit is not None:
+        cfg = swarm.SwarmConfig((), fee_cap_msats=cap)
+        while bid > 1 and bid + swarm.fee_cap(cfg, bid) > limit:
+            bid = max(1, min(bid - 1, limit - swarm.fee_cap(cfg, bid)))
+    return bid
 
 
 def _free(c: Completion) -> Completion:

@@ -1,12 +1,19 @@
 """The swarm client: one NIP-90 job (kind 5050) per request, paid over the wallet, checked throughout.
 
-Flow: sign the job, subscribe to its feedback (7000) and results (6050), publish, then read
-events until the first valid result. Each event must be correctly signed (the relay client
-drops others), reference our job in its first `e` tag and our key in its `p` tag, and be fresh.
-A `payment-required` quote is paid only when its amount is within the bid and the budget (with
-the fee cap), its invoice is valid, unexpired, on our network and for exactly that amount, and
+Flow: book the bid + fee cap on the LM's budget (a call that cannot fit fails at once with
+BudgetExceededError, nothing published), sign the job, subscribe to its feedback (7000) and
+results (6050), publish, then read events until the first valid result. Each event must be
+correctly signed (the relay client drops others), reference our job in its first `e` tag and our
+key in its `p` tag, and be fresh. A `payment-required` quote is paid only when its amount is
+within the bid, its invoice is valid, unexpired, on our network and for exactly that amount, and
 nothing was paid for this job or this payment hash before; after paying we listen to that
 provider only. The job is cancelled (kind 5) after the result. Prompts are public on the relays.
+
+Money: the booking settles to what was paid, or is released when nothing was. Once a pay request
+may have reached the wallet (sent, even without the relay's OK) the job is "paid, outcome
+unknown": it never pays again, the wallet's late answer or `lookup_invoice` settles it, and
+otherwise PaymentUnknownError keeps the booking open (`.reservation`) for the caller. Every wait
+ends by the call's timeout. Refusal reasons are logged on `dsrs.pylon` at INFO.
 """
 
 from __future__ import annotations
@@ -78,6 +85,8 @@ class _Job:
     fees_over_cap: bool = False
     status: str | None = None
     deadline: float = math.inf  # time.monotonic() by which the call ends
+    res: Reservation | None = None  # bid + fee cap on cfg.budget, booked before the job is published
+    unknown: bool = False  # a payment's outcome is unknown: `res` stays open for the caller
 
     def refuse(self, who: str, why: str) -> None:
         self.refusals.append(f"{who[:12]}: {why}")
@@ -118,6 +127,7 @@ async def run(cfg: SwarmConfig, req: Request) -> Completion:
     started = time.monotonic()
     keys = cfg.keys or Keys.generate()
     job = _Job(job_event(keys, req, cfg), keys, cfg, deadline=started + cfg.timeout)
+    job.res = _book(cfg)  # a call the budget cannot cover fails here, before anything is published
     pool = pools.pool(cfg.relays)
     sub = None
     try:
@@ -144,10 +154,26 @@ async def run(cfg: SwarmConfig, req: Request) -> Completion:
             e.spent_msats = job.paid_msats  # type: ignore[attr-defined]
         raise
     finally:
+        if job.res is not None and not job.unknown:
+            job.res.release()  # nothing paid (a payment settled it already)
         if sub is not None:
             await sub.close()
     await _cancel(pool, job)
     return done
+
+
+def _book(cfg: SwarmConfig) -> Reservation | None:
+    """Reserve the most this job can cost (bid + fee cap) on the LM's own budget, or refuse it."""
+    if cfg.budget is None:
+        return None
+    try:
+        return cfg.budget.reserve(cfg.bid_msats + fee_cap(cfg, cfg.bid_msats))
+    except BudgetExceededError as e:
+        log.info("job refused before publishing: %s", e.message)
+        e.provider = "pylon"
+        e.hint = "raise the budget, or lower the bid (with_bid_msats) or the fee cap (with_fee_cap_msats)"
+        e.args = (str(e),)
+        raise
 
 
 async def _cancel(pool: Any, job: _Job) -> None:
@@ -271,12 +297,7 @@ async def _quote(job: _Job, ev: Event) -> None:
         return job.refuse(who, "quoted too late to pay within the timeout")
     if nwc:  # the wallet's info query, before anything is booked (PaymentError "NOT_SENT": nothing paid)
         await wallet.encryption(timeout=min(wallet.timeout, job.left()))
-    res: Reservation | None = None
-    if cfg.budget is not None:
-        try:
-            res = cfg.budget.reserve(amount + fee_cap(cfg, amount))
-        except BudgetExceededError as e:
-            return job.refuse(who, f"{amount} msats + fee cap: {e.message}")
+    res = job.res  # booked for the bid + fee cap, which covers this quote + its fee cap
     _paid_hashes[inv.payment_hash] = None
     while len(_paid_hashes) > 100_000:
         _paid_hashes.popitem(last=False)
@@ -288,8 +309,8 @@ async def _quote(job: _Job, ev: Event) -> None:
             pay = await asyncio.wait_for(wallet.pay_invoice(text), max(job.left(), 0.001))
     except (PaymentUnknownError, APIConnectionError, builtins.TimeoutError) as e:
         if isinstance(e, APIConnectionError) and getattr(e, "event_sent", True) is False:
-            return _unpaid(job, who, res, inv.payment_hash, e)  # surely never reached the wallet
-        job.paid_to = who  # may have been paid: never pay anyone else (or this invoice again) for this job
+            return _unpaid(job, who, inv.payment_hash, e)  # surely never reached the wallet
+        job.paid_to, job.unknown = who, True  # may have been paid: never pay anyone else (or this invoice again)
         found = await _resolve(wallet, inv.payment_hash, job, fee_cap(cfg, amount))
         if found is None:
             unknown = e if isinstance(e, PaymentUnknownError) else PaymentUnknownError(
@@ -299,17 +320,16 @@ async def _quote(job: _Job, ev: Event) -> None:
             log.warning("job %s: the outcome of a %d msats payment is unknown; it stays booked", job.ev.id[:12], amount)
             raise unknown from (None if unknown is e else e)
         log.info("job %s: the wallet's records show the payment went out", job.ev.id[:12])
+        job.unknown = False
         pay = found
     except (PaymentError, bolt11.InvoiceError) as e:  # the wallet said no: nothing was paid
-        return _unpaid(job, who, res, inv.payment_hash, e)
+        return _unpaid(job, who, inv.payment_hash, e)
     except Exception as e:  # a broken wallet: nothing assumed paid (type name only: the text may hold secrets)
-        if res:
-            res.release()
         _paid_hashes.pop(inv.payment_hash, None)
         raise PaymentError(f"the wallet failed to pay ({type(e).__name__}); nothing was paid", provider="pylon",
                            code="wallet_error", hint="check the wallet given to with_wallet(...)") from None  # fmt: skip
     except BaseException:  # cancelled mid-payment: outcome unknown, the reservation stays open
-        job.paid_to = who
+        job.paid_to, job.unknown = who, True
         raise
     fees = pay.fees_paid_msats if isinstance(pay, Payment) else int(getattr(pay, "fees_paid_msats", 0) or 0)
     job.paid_to, job.paid_msats = who, amount + fees
@@ -321,10 +341,8 @@ async def _quote(job: _Job, ev: Event) -> None:
         res.settle(job.paid_msats)
 
 
-def _unpaid(job: _Job, who: str, res: Reservation | None, payment_hash: str, e: BaseException) -> None:
-    """The wallet did not pay (it said so, or the request never left): give the booking back."""
-    if res:
-        res.release()
+def _unpaid(job: _Job, who: str, payment_hash: str, e: BaseException) -> None:
+    """The wallet did not pay (it said so, or the request never left): another quote may be paid."""
     _paid_hashes.pop(payment_hash, None)
     job.refuse(who, f"payment failed ({getattr(e, 'code', None) or type(e).__name__})")
 
