@@ -365,3 +365,15 @@ async def test_bootstrap_fewshot_over_a_paid_swarm_lane_with_a_hard_budget(scrip
     assert [(r.lane, r.provider, r.cost_msats, r.cost_source) for r in rows] == [("swarm", "pylon", 1000, "invoice")] * 2
     assert budget.spent_msats == 2000 <= budget.limit_msats and budget.reserved_msats == 0
     assert net.paid() == 2000 and acct.balance_msats == 2000
+
+
+def test_evaluate_on_threads(scripted):
+    scripted.script(default=answer("Paris", prompt_tokens=40, completion_tokens=6))
+    devset = [dspy.Example(question=f"q{i}?", answer="Paris").with_inputs("question") for i in range(8)]
+    started = time.time()
+    with dspy.context(lm=dd.lm(openai_lm(scripted), program="dspy-evaluate"), adapter=None):
+        result = dspy.Evaluate(devset=devset, metric=lambda ex, pred, trace=None: ex.answer == pred.answer,
+                               num_threads=4)(dspy.Predict("question -> answer"))  # fmt: skip
+    assert result.score == 100.0 and len(scripted.requests) == 8
+    rows = [r for r in dsrs.ledger.default_ledger().rows(since=started) if r.program == "dspy-evaluate"]
+    assert len(rows) == 8 and sum(r.cost_msats for r in rows) == 80
