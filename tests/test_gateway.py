@@ -680,6 +680,37 @@ def test_a_call_that_timed_out_after_sending_is_in_the_ledger_and_metrics(script
         gw.close()
 
 
+def test_a_call_the_client_abandons_is_in_the_ledger_metrics_and_counters_as_booked(scripted: Any) -> None:
+    from dsrs import pricing
+    from dsrs.budget import MESSAGE_OVERHEAD
+
+    gw = InProcessGateway({
+        "cache": {"enabled": False},
+        "lanes": {"left-lane": _scripted_lane(scripted, max_tokens=40)},
+        "budgets": {"all": {"limit_msats": 10_000}},
+        "gateway": {"budget": "all"},
+        "keys": {"alice": {"key_env": "CLIENT_KEY"}},
+    })  # fmt: skip
+    try:
+        scripted.script(Reply(delay=120, json=chat_reply("late").json))
+        impatient = openai.OpenAI(base_url=gw.url + "/v1", api_key=CLIENT_KEY, max_retries=0, timeout=1.0)
+        with pytest.raises(openai.APITimeoutError):  # the client gives up and closes its connection
+            impatient.chat.completions.create(model="left-lane", messages=[{"role": "user", "content": "hello"}])
+        budget = gw.runtime.budgets["all"]
+        worst = pricing.cost_msats("openai", "gpt-4o-mini", 5 + MESSAGE_OVERHEAD, 40)
+        _wait_for(lambda: budget.open_reservations == 0, "the reservation settled")
+        assert budget.spent_msats == worst  # the request had gone out: it may be billed
+        _wait_for(lambda: 'status="499"' in get(gw.url + "/metrics", ADMIN_KEY)[1], "the request was counted")
+        _, text = get(gw.url + "/metrics", ADMIN_KEY)
+        assert f'dsrs_lane_msats_total{{lane="left-lane"}} {worst}' in text
+        assert 'dsrs_lane_unsettled_total{lane="left-lane",reason="abandoned"} 1' in text
+        _wait_for(lambda: _ledger_rows(gw, "left-lane"), "the ledger row")
+        (row,) = _ledger_rows(gw, "left-lane")
+        assert row.cost_msats == worst and row.cost_source == "estimate" and row.program == "key:alice"
+    finally:
+        gw.close()
+
+
 def test_metrics_need_the_admin_key_and_health_is_minimal_without_it(remote_gateway: InProcessGateway) -> None:
     url = remote_gateway.url
     for key in (None, CLIENT_KEY, "sk-wrong"):

@@ -199,10 +199,10 @@ class Handlers:
                 self._unsettled(request, key, route, track.spent_msats, "abandoned")
             raise
         except Exception as e:
-            w = self._failed(route, e)
+            err = self._failed(route, e)
             if key is not None and route is not None and track.spent_msats:
                 self._unsettled(request, key, route, track.spent_msats, "error")
-            return _error(w)
+            return _error(err)
         lane = self._done(request, key, route, c, track)
         body = replies.chat_completion(c, call.model, replies.new_id("chatcmpl-"), lane) if kind == "chat" else replies.response(c, call.model, lane)
         return web.json_response(body, dumps=_dumps)
@@ -393,7 +393,8 @@ class _Runner(web.AppRunner):
 
     def __init__(self, app: web.Application, cap: int, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
-        self._cap, self._open = cap, {}
+        self._cap = cap
+        self._open: dict[str, int] = {}
 
     @property
     def server(self) -> Any:
