@@ -102,6 +102,7 @@ async def test_no_ok_and_no_answer_is_unknown_never_paid_twice_and_stays_booked(
     with dsrs.context(budget=outer):
         out, _ = await call(net, lm, two_quotes)
     assert isinstance(out, PaymentUnknownError) and out.spent_unknown, out
+    assert out.payment_hash is not None and len(out.payment_hash) == 64  # the caller can look it up later
     b: Budget = lm.options["swarm_budget"]
     booked = lm.worst_case_msats(lm.request("x"))  # the bid + fee cap, booked before the job went out
     assert (b.spent_msats, b.reserved_msats, b.open_reservations) == (0, booked, 1)  # kept, not released

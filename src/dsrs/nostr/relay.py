@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import secrets
 from typing import Any
 
@@ -19,6 +20,7 @@ from .event import Event, sign, verify_json
 from .keys import Keys
 
 MAX_FRAME = 4 * 1024 * 1024  # bytes per websocket message
+log = logging.getLogger("dsrs.nostr")
 _ids = itertools.count(1)
 
 
@@ -157,6 +159,7 @@ class Relay:
             ev = verify_json(msg[2])
             if ev is None:
                 self.dropped += 1
+                log.debug("relay %s: dropped an event with a bad id or signature", self.url)
                 return
             sub._put(ev)
         elif kind == "OK" and len(msg) >= 3:
@@ -176,9 +179,11 @@ class Relay:
                     self._bg.add(t)
                     t.add_done_callback(self._bg.discard)
                 else:
+                    log.info("relay %s closed a subscription: %r", self.url, reason[:300])
                     sub.closed_reason = reason or "closed by relay"
                     sub.eose.set()
         elif kind == "NOTICE" and len(msg) >= 2:
+            log.info("relay %s: NOTICE %r", self.url, str(msg[1])[:300])
             self.notices = (self.notices + [str(msg[1])[:300]])[-20:]
         elif kind == "AUTH" and len(msg) >= 2 and isinstance(msg[1], str):
             ev = sign(self.keys, 22242, "", [["relay", self.url], ["challenge", msg[1]]])

@@ -14,11 +14,14 @@ class PaymentError(DsrsError):
 
 
 class PaymentUnknownError(PaymentError):
-    """A payment's outcome is unknown (no answer in time). Its budget reservation stays open:
-    `reservation.settle(paid_msats)` or `reservation.release()` once the wallet says which."""
+    """A payment's outcome is unknown (no answer in time, and the wallet's `lookup_invoice` did not
+    show it paid within the call's timeout). Its budget reservation stays open:
+    `reservation.settle(paid_msats)` or `reservation.release()` once the wallet says which
+    (`await wallet.lookup_invoice(e.payment_hash)`). The job is never paid again."""
 
     fallback = False
     reservation: Any = None
+    payment_hash: str | None = None
     spent_unknown = True  # budgets around the call keep their worst case (see dsrs.budget)
 
 

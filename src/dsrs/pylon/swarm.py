@@ -215,8 +215,10 @@ async def _handle(job: _Job, ev: Event) -> Completion | None:
         job.refuse(who, "content too large")
         return None
     if cfg.provider and who != cfg.provider:
+        log.debug("job %s: ignored %s... (not the chosen provider)", job.ev.id[:12], who[:12])
         return None
     if job.paid_to and who != job.paid_to:
+        log.debug("job %s: ignored %s... (paid another provider)", job.ev.id[:12], who[:12])
         return None  # after paying, only that provider counts
     if ev.kind == FEEDBACK:
         status = ev.tag("status")
@@ -317,6 +319,7 @@ async def _quote(job: _Job, ev: Event) -> None:
                 "the wallet did not say whether it paid; the payment may have gone out", provider="pylon",
                 code=getattr(e, "code", None) or "TIMEOUT", hint="check the wallet; the budget keeps this amount reserved")  # fmt: skip
             unknown.reservation = res  # left open (still reserved) until the caller settles or releases it
+            unknown.payment_hash = inv.payment_hash  # for the caller's own lookup_invoice
             log.warning("job %s: the outcome of a %d msats payment is unknown; it stays booked", job.ev.id[:12], amount)
             raise unknown from (None if unknown is e else e)
         log.info("job %s: the wallet's records show the payment went out", job.ev.id[:12])
