@@ -377,3 +377,12 @@ def test_evaluate_on_threads(scripted):
     assert result.score == 100.0 and len(scripted.requests) == 8
     rows = [r for r in dsrs.ledger.default_ledger().rows(since=started) if r.program == "dspy-evaluate"]
     assert len(rows) == 8 and sum(r.cost_msats for r in rows) == 80
+
+
+def test_a_reasoning_model_name_keeps_the_options_given(scripted):
+    scripted.script(answer("Paris"))
+    o3 = LM("openai/o3", base_url=scripted.url + "/v1", api_key="sk-test").with_retries(0)
+    with dspy.context(lm=dd.lm(o3, temperature=0.2, max_tokens=100), adapter=None):  # dspy's own rule would refuse
+        dspy.Predict("question -> answer")(question="q?")
+    body = scripted.requests[0].json
+    assert body["max_completion_tokens"] == 100 and body["temperature"] == 0.2

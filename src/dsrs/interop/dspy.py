@@ -426,6 +426,14 @@ def _lm_class() -> Any:
         class DspyLM(dspy.LM):  # type: ignore[misc]
             """A `dspy.LM` over a dsrs LM (see `dsrs.interop.dspy`)."""
 
+            def _get_initial_kwargs(self, *, temperature: Any, max_tokens: Any, **kwargs: Any) -> dict[str, Any]:
+                # dsrs sends each model's own token parameter; dspy's rule for OpenAI reasoning models (chosen
+                # by the model name: temperature 1.0, max_tokens >= 16000) is for its own engines, not this one
+                kw = dict(temperature=temperature, max_tokens=max_tokens, **kwargs)
+                if kw.get("rollout_id") is None:
+                    kw.pop("rollout_id", None)
+                return kw
+
             def update_history(self, entry: dict[str, Any]) -> None:
                 responses = entry.get("response")
                 data = getattr(responses, "provider_data", None) or {}
