@@ -3,6 +3,7 @@ their calls made by dsrs LMs and lanes against the scripted OpenAI-chat server a
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -386,3 +387,36 @@ def test_a_reasoning_model_name_keeps_the_options_given(scripted):
         dspy.Predict("question -> answer")(question="q?")
     body = scripted.requests[0].json
     assert body["max_completion_tokens"] == 100 and body["temperature"] == 0.2
+
+
+def test_codex_sdk_lm_runs_a_dspy_predict(tmp_path):
+    """The real Codex CLI, driven headless by CodexSdkLM, as the LM of a dspy program (its model
+    calls go to the local Responses-API server)."""
+    from responses_server import ResponsesServer, Turn, message
+
+    from dsrs.codex_sdk import CodexSdkLM
+
+    binary = os.environ.get("DSRS_TEST_CODEX_BIN") or os.path.expanduser(
+        "~/.cache/dsrs-test/codex-0.169.0/node_modules/.bin/codex")  # fmt: skip
+    assert os.access(binary, os.X_OK), f"Codex CLI missing at {binary}: run scripts/test (it installs it)"
+    server = ResponsesServer()
+    try:
+        server.turns(Turn([message("[[ ## answer ## ]]\nParis\n\n[[ ## completed ## ]]")], input_tokens=321,
+                          output_tokens=7))  # fmt: skip
+        for d in ("ws", "codex-home", "home"):
+            (tmp_path / d).mkdir()
+        codex = (CodexSdkLM().with_binary(binary).with_model("gpt-5.5").with_codex_home(str(tmp_path / "codex-home"))
+                 .with_working_dir(tmp_path / "ws").with_sandbox("read-only")
+                 .with_env({"FX_KEY": "fx-secret-key-123", "HOME": str(tmp_path / "home")})
+                 .with_config({"model_provider": "fx", "model_providers.fx.name": "fx",
+                               "model_providers.fx.base_url": server.base_url, "model_providers.fx.env_key": "FX_KEY",
+                               "model_providers.fx.stream_max_retries": 0, "model_providers.fx.request_max_retries": 0})
+                 .with_timeout(60))  # fmt: skip
+        with dspy.context(lm=dd.lm(codex), adapter=None, track_usage=True):
+            result = dspy.Predict("question -> answer")(question="What is the capital of France?")
+        assert result.answer == "Paris"
+        assert result.get_lm_usage()["dsrs/codex-sdk/gpt-5.5"]["total_tokens"] == 328
+        (body,) = server.responses()
+        assert "What is the capital of France?" in json.dumps(body)
+    finally:
+        server.close()
