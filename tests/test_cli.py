@@ -89,7 +89,7 @@ def test_debug_shows_the_traceback(env):
 def test_doctor_with_keys_unset_and_set(env, llama_server):
     # no `codex` on PATH either, so nothing at all is premium
     env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if not os.path.exists(os.path.join(d, "codex")))
-    r = dsrs(env, "doctor")
+    r = dsrs(env, "doctor", "--timeout", "60")  # a saturated machine answers a probe slowly
     assert r.returncode == 0, r.stderr
     assert re.search(r"^openai\s+missing \(OPENAI_API_KEY\)\s+https://api.openai.com/v1\s+not probed \(remote\)", r.stdout, re.M)
     assert re.search(r"^embedded\s+not needed\s+in process\s+yes \(offline\)", r.stdout, re.M)
@@ -97,7 +97,7 @@ def test_doctor_with_keys_unset_and_set(env, llama_server):
 
     env.update(OPENAI_API_KEY="sk-doctor-secret-value", GROQ_API_KEY="gsk-another-secret",
                LLAMACPP_BASE_URL=llama_server.url + "/v1")  # fmt: skip
-    r = dsrs(env, "doctor")
+    r = dsrs(env, "doctor", "--timeout", "60")  # a saturated machine answers a probe slowly
     assert r.returncode == 0, r.stderr
     assert re.search(r"^openai\s+set \(OPENAI_API_KEY\)", r.stdout, re.M)
     assert re.search(r"^groq\s+set \(GROQ_API_KEY\)", r.stdout, re.M)
