@@ -293,8 +293,8 @@ async def _quote(job: _Job, ev: Event) -> None:
             f"provider {who[:12]}... asks {amount} msats for job {job.ev.id[:12]}...", quote=quote, provider="pylon",
             hint="pay quote.invoice yourself, or set with_wallet(...) and auto_pay" if cfg.wallet is None or not cfg.auto_pay else None,
         )  # fmt: skip
-    wallet = cfg.wallet
-    nwc = isinstance(wallet, NwcWallet)
+    wallet: Any = cfg.wallet
+    nwc = isinstance(wallet, NwcWallet)  # takes a timeout; other wallets are bounded from outside
     if job.left() <= 0:
         return job.refuse(who, "quoted too late to pay within the timeout")
     if nwc:  # the wallet's info query, before anything is booked (PaymentError "NOT_SENT": nothing paid)
