@@ -2,11 +2,11 @@
 
   dsrs ask "question" [--model M | --lane L] [--stream]   answer one question (embedded model by default, offline)
   dsrs doctor                                             providers, keys, local servers, what auto-detect builds
-  dsrs run SIGNATURE --input in.jsonl --output out.jsonl  batch Predict, resumable
+  dsrs run SIGNATURE --input in.jsonl --output out.jsonl  batch Predict, resumable (by row content + signature)
   dsrs usage [--by model|lane|day|provider|program]      the usage ledger (--plot f: needs matplotlib)
 
-Errors print one line and exit non-zero; `--debug` shows the traceback. Imports stay lazy so the
-command starts fast.
+Answers go to stdout, usage lines and progress to stderr. Errors print one line and exit non-zero;
+`--debug` shows the traceback; Ctrl-C exits 130. Imports stay lazy so the command starts fast.
 """
 
 from __future__ import annotations
