@@ -652,6 +652,30 @@ def test_an_abandoned_stream_is_in_the_ledger_metrics_and_counters_as_booked(scr
         up.close()
 
 
+def test_an_abandoned_stream_without_budgets_has_a_row_of_unknown_cost() -> None:
+    up = SlowUpstream()
+    gw = InProcessGateway({
+        "cache": {"enabled": False},
+        "lanes": {"unbudgeted-lane": {"lm": "openai/gpt-4o-mini", "base_url": f"http://127.0.0.1:{up.port}/v1",
+                                      "api_key_env": "UPSTREAM_KEY", "options": {"retries": 0}}},
+        "keys": {"alice": {"key_env": "CLIENT_KEY"}},
+    })  # fmt: skip
+    try:
+        with sdk(gw).chat.completions.create(model="unbudgeted-lane", messages=[{"role": "user", "content": "hi"}],
+                                             stream=True) as stream:  # fmt: skip
+            next(iter(stream))
+        assert up.cancelled.wait(30), "the upstream stream was not cancelled"
+        _wait_for(lambda: _ledger_rows(gw, "unbudgeted-lane"), "the ledger row")
+        (row,) = _ledger_rows(gw, "unbudgeted-lane")
+        assert row.cost_msats is None and row.estimated and row.program == "key:alice"  # unknown, not 0
+        _, text = get(gw.url + "/metrics", ADMIN_KEY)
+        assert 'dsrs_lane_unsettled_total{lane="unbudgeted-lane",reason="abandoned"} 1' in text
+        assert 'dsrs_lane_msats_total{lane="unbudgeted-lane"}' not in text
+    finally:
+        gw.close()
+        up.close()
+
+
 def test_a_call_that_timed_out_after_sending_is_in_the_ledger_and_metrics(scripted: Any) -> None:
     from dsrs import pricing
     from dsrs.budget import MESSAGE_OVERHEAD

@@ -10,8 +10,9 @@ before any text are plain HTTP errors; after that an error becomes an error even
 disconnects cancels its handler (`handler_cancellation`), which closes the upstream stream; the
 budget guard then settles the reservation by its rule for abandoned calls.
 
-Accounting: each model request books on a private unlimited `Budget` too (in the same scope as the
-key's), so the gateway knows what this request booked, answered or not. An answer is counted and
+Accounting: when budgets are configured, each model request books on a private unlimited `Budget`
+too (in the same scope as the key's), so the gateway knows what this request booked, answered or
+not (without budgets nothing is booked, and such a call's row says its cost is unknown). An answer is counted and
 recorded in the ledger; whatever was booked beyond it (a stream or call the client abandoned, an
 error after the request went out, failed attempts before a fallback answered) is recorded as well,
 as a ledger row with cost_source "estimate" and no tokens, and in `dsrs_lane_msats_total` and
@@ -122,22 +123,23 @@ class Handlers:
     def __init__(self, rt: Runtime, metrics: Metrics) -> None:
         self.rt, self.m = rt, metrics
 
-    def _done(self, request: web.Request, key: KeyConfig, route: Route, c: Any, track: budget.Budget) -> str:
+    def _done(self, request: web.Request, key: KeyConfig, route: Route, c: Any, track: budget.Budget | None) -> str:
         lane = _lane_of(route, c)
         self.m.completion(lane, c)
         if self.rt.ledger is not None:
             self.rt.ledger.record(c, lane=lane, program=f"key:{key.name}")
         u = c.usage
         request[logs.INFO_KEY].update(lane=lane, tokens=u.total_tokens, msats=u.cost_msats)
-        beyond = track.spent_msats - (u.cost_msats or 0)  # failed attempts before the answer that kept their worst case
-        if beyond > 0:
+        beyond = track.spent_msats - (u.cost_msats or 0) if track is not None else 0  # failed attempts before the
+        if beyond > 0:  # answer that kept their worst case
             self._unsettled(request, key, route, beyond, "error", count_request=False)
         return lane
 
-    def _unsettled(self, request: web.Request, key: KeyConfig, route: Route, msats: int, reason: str,
+    def _unsettled(self, request: web.Request, key: KeyConfig, route: Route, msats: int | None, reason: str,
                    count_request: bool = True) -> None:  # fmt: skip
         """Book in the ledger and the metrics what the budgets kept for a call that has no answer to
-        show: `reason` "abandoned" (the client left) or "error" (it failed after the request went out)."""
+        show: `reason` "abandoned" (the client left) or "error" (it failed after the request went out).
+        `msats` None: no budget applies, so nothing was booked and the cost is unknown."""
         info = request[logs.INFO_KEY]
         if info.get("unsettled"):  # once per request (a stream's end and its cancellation both come here)
             return
@@ -147,7 +149,8 @@ class Handlers:
         if msats:
             self.m.inc("dsrs_lane_msats_total", msats, lane=lane)
         target = self.rt.lanes.get(route.lane) if route.lane else route.target
-        c = Completion("", LmUsage(cost_msats=msats, cost_source=CostSource.ESTIMATE, estimated=True, calls=1),
+        src = CostSource.ESTIMATE if msats is not None else None
+        c = Completion("", LmUsage(cost_msats=msats, cost_source=src, estimated=True, calls=1),
                        model=getattr(target, "model", "") or "", provider=getattr(target, "provider", "") or "")  # fmt: skip
         if self.rt.ledger is not None:
             self.rt.ledger.record(c, lane=lane, program=f"key:{key.name}")
@@ -185,10 +188,12 @@ class Handlers:
 
     async def _serve(self, request: web.Request, parse: Callable[[Any], requests.Call], kind: str) -> web.StreamResponse:
         route = key = None
-        track = budget.Budget(_UNLIMITED, allow_unpriced=True, name="request")  # what this request books
+        # what this request books, when budgets are configured (without any, nothing is booked, and the
+        # worst-case estimate a booking costs is not worth making)
+        track = budget.Budget(_UNLIMITED, allow_unpriced=True, name="request") if self.rt.cfg.budgets else None
         try:
             key, call, route = await self._prepare(request, parse)
-            with budget.scope([*self.rt.budgets_for(key), track]):
+            with budget.scope([*self.rt.budgets_for(key), *([track] if track is not None else ())]):
                 if call.stream:
                     return await self._stream(request, key, call, route, kind, track)
                 c = await route.target.acall(list(call.messages), **call.options)
@@ -196,19 +201,19 @@ class Handlers:
             return _error(w)
         except asyncio.CancelledError:  # the client left while the call ran: what it booked stays booked
             if key is not None and route is not None:
-                self._unsettled(request, key, route, track.spent_msats, "abandoned")
+                self._unsettled(request, key, route, _booked(track), "abandoned")
             raise
         except Exception as e:
             err = self._failed(route, e)
-            if key is not None and route is not None and track.spent_msats:
-                self._unsettled(request, key, route, track.spent_msats, "error")
+            if key is not None and route is not None and (track.spent_msats if track is not None else not budget.not_billed(e)):
+                self._unsettled(request, key, route, _booked(track), "error")
             return _error(err)
         lane = self._done(request, key, route, c, track)
         body = replies.chat_completion(c, call.model, replies.new_id("chatcmpl-"), lane) if kind == "chat" else replies.response(c, call.model, lane)
         return web.json_response(body, dumps=_dumps)
 
     async def _stream(self, request: web.Request, key: KeyConfig, call: requests.Call, route: Route, kind: str,
-                      track: budget.Budget) -> web.StreamResponse:  # fmt: skip
+                      track: budget.Budget | None) -> web.StreamResponse:  # fmt: skip
         agen: AsyncIterator[Any] = route.target.astream(list(call.messages), **call.options)
         try:
             first = await agen.__anext__()  # errors before any text are plain HTTP errors
@@ -248,7 +253,7 @@ class Handlers:
         finally:
             await agen.aclose()  # type: ignore[attr-defined]  # cancels the upstream call if it is still running
             if outcome != "done":  # closed: the budgets have booked by their rules; the ledger and metrics say the same
-                self._unsettled(request, key, route, track.spent_msats, outcome)
+                self._unsettled(request, key, route, _booked(track), outcome)
         return resp
 
     def _model(self, name: str, route: Route) -> dict[str, Any]:
@@ -290,6 +295,10 @@ class Handlers:
             self.m.set("dsrs_gateway_redis_up", 1 if self.rt.redis.up else 0)
         return web.Response(text=self.m.render(), content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})  # fmt: skip
+
+
+def _booked(track: budget.Budget | None) -> int | None:
+    return track.spent_msats if track is not None else None
 
 
 def _dumps(obj: Any) -> str:

@@ -63,7 +63,7 @@ def access(request: Any, endpoint: str, status: int, started: float) -> None:
     """The access line of one request (only built when INFO is on)."""
     if not ACCESS.isEnabledFor(logging.INFO):
         return
-    i = request.get(INFO_KEY) or {}
+    i = {k: v for k, v in (request.get(INFO_KEY) or {}).items() if v is not None}
     ACCESS.info("%s %.100s %s model=%.100s lane=%s key=%s tokens=%s msats=%s latency_ms=%.1f", request.method,
                 endpoint, status, i.get("model", "-"), i.get("lane", "-"), i.get("key", "-"), i.get("tokens", "-"),
                 i.get("msats", "-"), (time.perf_counter() - started) * 1000)  # fmt: skip
