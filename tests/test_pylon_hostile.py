@@ -171,11 +171,13 @@ async def test_refusal_reasons_are_logged(net: Net, caplog: pytest.LogCaptureFix
 def test_import_without_the_pylon_extra() -> None:
     code = (
         "import sys\n"
-        "for m in ('coincurve', 'websockets', 'cryptography'): sys.modules[m] = None\n"
+        # the pylon extra and every other non-core package missing (the Quick-start install)
+        "for m in ('coincurve', 'websockets', 'cryptography', 'rich', 'matplotlib', 'redis', 'dspy', 'pydantic',\n"
+        "          'nostr_sdk', 'openai', 'ollama', 'hypothesis'): sys.modules[m] = None\n"
         "from dsrs import LaneMux, CodexSdkLM, PylonLM, Budget, ConfigurationError\n"
         "local = PylonLM.new_local()\n"
         "lm = PylonLM.new_swarm('ws://127.0.0.1:9').with_budget_msats(5000)\n"
-        "mux = LaneMux().add_lane('cheap', lm)\n"
+        "mux = LaneMux().add_lane('premium', CodexSdkLM()).add_lane('cheap', lm)\n"
         "try:\n"
         "    lm('hi')\n"
         "except ConfigurationError as e:\n"
