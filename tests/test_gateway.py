@@ -735,6 +735,36 @@ def test_a_call_the_client_abandons_is_in_the_ledger_metrics_and_counters_as_boo
         gw.close()
 
 
+def test_a_timed_out_lane_before_a_fallback_answered_is_booked_on_that_lane(scripted: Any) -> None:
+    from dsrs import pricing
+    from dsrs.budget import MESSAGE_OVERHEAD
+
+    gw = InProcessGateway({
+        "cache": {"enabled": False},
+        "lanes": {"first-slow": _scripted_lane(scripted, timeout=0.5, max_tokens=30),
+                  "then-ok": _scripted_lane(scripted, max_tokens=30)},
+        "models": {"both": {"lanes": ["first-slow", "then-ok"]}},
+        "budgets": {"all": {"limit_msats": 10_000}},
+        "gateway": {"budget": "all"},
+        "keys": {"alice": {"key_env": "CLIENT_KEY"}},
+    })  # fmt: skip
+    try:
+        scripted.script(Reply(delay=120, json=chat_reply("late").json), chat_reply("answer", 5, 2))
+        r = sdk(gw).chat.completions.create(model="both", messages=[{"role": "user", "content": "hey"}])
+        assert r.choices[0].message.content == "answer" and r.model_extra["dsrs"]["lane"] == "then-ok"
+        worst = pricing.cost_msats("openai", "gpt-4o-mini", 3 + MESSAGE_OVERHEAD, 30)
+        answer = r.model_extra["dsrs"]["cost_msats"]
+        assert gw.runtime.budgets["all"].spent_msats == worst + answer
+        _, text = get(gw.url + "/metrics", ADMIN_KEY)
+        assert f'dsrs_lane_msats_total{{lane="first-slow"}} {worst}' in text
+        assert 'dsrs_lane_unsettled_total{lane="first-slow",reason="error"} 1' in text
+        _wait_for(lambda: _ledger_rows(gw, "first-slow") and _ledger_rows(gw, "then-ok"), "both ledger rows")
+        assert [r.cost_msats for r in _ledger_rows(gw, "first-slow")] == [worst]
+        assert [r.cost_msats for r in _ledger_rows(gw, "then-ok")] == [answer]
+    finally:
+        gw.close()
+
+
 def test_metrics_need_the_admin_key_and_health_is_minimal_without_it(remote_gateway: InProcessGateway) -> None:
     url = remote_gateway.url
     for key in (None, CLIENT_KEY, "sk-wrong"):

@@ -132,11 +132,13 @@ class Handlers:
         request[logs.INFO_KEY].update(lane=lane, tokens=u.total_tokens, msats=u.cost_msats)
         beyond = track.spent_msats - (u.cost_msats or 0) if track is not None else 0  # failed attempts before the
         if beyond > 0:  # answer that kept their worst case
-            self._unsettled(request, key, route, beyond, "error", count_request=False)
+            failed = {a.lane for a in getattr(c.route, "attempts", None) or () if a.outcome == "fallback"}
+            self._unsettled(request, key, route, beyond, "error", count_request=False,
+                            lane=failed.pop() if len(failed) == 1 else None)  # fmt: skip
         return lane
 
     def _unsettled(self, request: web.Request, key: KeyConfig, route: Route, msats: int | None, reason: str,
-                   count_request: bool = True) -> None:  # fmt: skip
+                   count_request: bool = True, lane: str | None = None) -> None:  # fmt: skip
         """Book in the ledger and the metrics what the budgets kept for a call that has no answer to
         show: `reason` "abandoned" (the client left) or "error" (it failed after the request went out).
         `msats` None: no budget applies, so nothing was booked and the cost is unknown."""
@@ -144,11 +146,12 @@ class Handlers:
         if info.get("unsettled"):  # once per request (a stream's end and its cancellation both come here)
             return
         info["unsettled"] = True
-        lane = route.lane or route.name
+        lane = lane or route.lane or route.name
         self.m.inc("dsrs_lane_unsettled_total", lane=lane, reason=reason)
         if msats:
             self.m.inc("dsrs_lane_msats_total", msats, lane=lane)
-        target = self.rt.lanes.get(route.lane) if route.lane else route.target
+        target = self.rt.lanes.get(lane)
+        target = route.target if target is None else target
         src = CostSource.ESTIMATE if msats is not None else None
         c = Completion("", LmUsage(cost_msats=msats, cost_source=src, estimated=True, calls=1),
                        model=getattr(target, "model", "") or "", provider=getattr(target, "provider", "") or "")  # fmt: skip
