@@ -77,6 +77,7 @@ def start_gateway(upstream: int, redis_url: str | None) -> tuple[subprocess.Pope
     cfg = f"""
 [gateway]
 require_keys = true
+max_connections_per_client = 0   # the benchmark's c=256 comes from one address
 [cache]
 enabled = false
 [lanes.bench]
