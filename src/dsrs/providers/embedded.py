@@ -2,12 +2,14 @@
 
 Gemma 3 270M is a base model without a chat template, so requests are sent as text
 completions: one user message is the prompt as is; a conversation becomes a plain transcript.
-Calls run in a worker thread (the engine releases the GIL). Usage is the engine's own count.
+Calls run in a worker thread (the engine releases the GIL) and stop at the next token when
+cancelled (see `Client.stream`). Usage is the engine's own count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -125,30 +127,39 @@ class Client:
         return Completion(text, usage, (), finish, self.model, "embedded", r.get("id"), raw=r)  # type: ignore[arg-type]
 
     async def complete(self, req: Request) -> Completion:
-        engine = await asyncio.to_thread(self._engine, req)
-        r = await asyncio.to_thread(engine.handle_completions, self.body(req, False))
-        if "error" in r:
-            return self._completion(r, "")
-        return self._completion(r, r["choices"][0]["text"])
+        # run as a stream inside: generation then stops at the next token when the call is cancelled
+        async with contextlib.aclosing(self.stream(req)) as items:
+            async for item in items:
+                if isinstance(item, Completion):
+                    return item
+        raise errors.ResponseFormatError("the engine produced nothing", provider="embedded", model=self.model)
 
     async def stream(self, req: Request) -> AsyncIterator[str | Completion]:
+        """Generation runs in a worker thread; the engine calls back after each token, and the
+        callback's answer stops it: when this call is cancelled or closed, or when the event loop
+        waiting for it no longer runs (Ctrl-C in a sync call: KeyboardInterrupt leaves the loop).
+        An abandoned generation never holds the engine, nor the process at exit, past one token."""
         engine = await asyncio.to_thread(self._engine, req)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Any] = asyncio.Queue()
         body = self.body(req, True)
-
-        cancelled = False
+        stop = threading.Event()
 
         def on_chunk(chunk: dict[str, Any]) -> bool:
-            loop.call_soon_threadsafe(q.put_nowait, chunk)
-            return cancelled  # a true return tells the engine to stop generating
+            if not loop.is_running():  # nobody is waiting any more
+                stop.set()
+            if not stop.is_set():
+                loop.call_soon_threadsafe(q.put_nowait, chunk)
+            return stop.is_set()  # a true return tells the engine to stop generating
 
         def run() -> None:
             try:
                 engine.handle_completions(body, on_chunk)
+                end: Any = asyncio.CancelledError() if stop.is_set() else None  # the call was abandoned
             except BaseException as e:  # delivered to the consumer
-                loop.call_soon_threadsafe(q.put_nowait, e)
-            loop.call_soon_threadsafe(q.put_nowait, None)
+                end = e
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+                loop.call_soon_threadsafe(q.put_nowait, end)
 
         task = loop.run_in_executor(None, run)
         parts: list[str] = []
@@ -168,8 +179,10 @@ class Client:
                     parts.append(text)
                     yield text
         finally:
-            cancelled = True
-            await task
+            stop.set()
+            await task  # at most one more token
         if last is None:
             raise errors.ResponseFormatError("the engine produced nothing", provider="embedded", model=self.model)
-        yield self._completion(last, "".join(parts))
+        full = "".join(parts)
+        raw = {**last, "choices": [{**last["choices"][0], "text": full}]}
+        yield self._completion(raw, full)
