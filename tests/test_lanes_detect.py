@@ -28,8 +28,10 @@ def codex_dir() -> str:
 def bare_env(monkeypatch, tmp_path):
     """No keys, no codex on PATH, nothing listening where the probes look."""
     monkeypatch.setenv("PATH", str(tmp_path))
-    for var in ("PYLON_RELAY_URL", "PYLON_NWC_URI"):
+    for var in ("PYLON_RELAY_URL", "PYLON_NWC_URI", "CODEX_API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
+    (tmp_path / "codex-home").mkdir()
+    monkeypatch.setenv("CODEX_HOME", str(tmp_path / "codex-home"))  # no config, no login
     monkeypatch.setenv("LLAMACPP_BASE_URL", f"http://127.0.0.1:{free_port()}/v1")
     monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{free_port()}")
     return monkeypatch
@@ -40,6 +42,7 @@ async def test_detects_keys_codex_ollama_llamacpp_and_embedded(bare_env, scripte
     bare_env.setenv("PATH", codex_dir())
     bare_env.setenv("OLLAMA_HOST", scripted.url)
     bare_env.setenv("LLAMACPP_BASE_URL", llama_server.url + "/v1")
+    bare_env.setenv("OPENAI_BASE_URL", llama_server.url + "/v1")  # where the CLI would send its requests
     for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GROQ_API_KEY", "DEEPSEEK_API_KEY"):
         bare_env.setenv(var, "sk-test-" + var.lower())
     mux = await LaneMux.auto_detect()
@@ -93,3 +96,30 @@ async def test_detected_lanes_fall_back_to_the_real_llamacpp(bare_env, scripted,
     assert out.route.attempts[-1].route.lane == "llamacpp"  # the nested local lane's own decision
     assert scripted.requests[0].path == "/chat/completions"
     assert isinstance(premium.lm, LM)
+
+
+async def test_codex_cli_is_a_lane_only_when_its_model_server_answers(bare_env, scripted, tmp_path):
+    bare_env.setenv("PATH", codex_dir())
+
+    async def codex():
+        mux = await LaneMux.auto_detect(timeout=0.5)
+        (probe,) = [p for p in mux.detection.probes if p.name == "codex-cli"]
+        return mux, probe
+
+    mux, probe = await codex()  # installed, but no key, no login, no configured server
+    assert "premium" not in mux.names and not probe.found
+    assert "no CODEX_API_KEY / OPENAI_API_KEY and no `codex login`" in probe.detail
+    bare_env.setenv("CODEX_API_KEY", "sk-test-codex")  # a key, but offline: nothing answers
+    bare_env.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{free_port()}/v1")
+    mux, probe = await codex()
+    assert "premium" not in mux.names and "does not answer (APIConnectionError)" in probe.detail
+    # a model provider of its own in config.toml, which answers (a 401 is an answer)
+    scripted.script(default=Reply(401, json={"error": {"message": "no key", "type": "invalid_request_error"}}))
+    (tmp_path / "codex-home" / "config.toml").write_text(
+        'model_provider = "mine"\n[model_providers.mine]\nname = "mine"\nbase_url = "%s/v1"\n' % scripted.url
+    )
+    mux, probe = await codex()
+    assert mux.names == ("premium", "local") and type(mux.lane("premium").lm).__name__ == "CodexSdkLM"
+    assert probe.found and f"model provider 'mine', {scripted.url}/v1 answers" in probe.detail
+    assert [(r.method, r.path) for r in scripted.requests] == [("GET", "/v1/models")]
+    assert "sk-test" not in str(mux.detection)

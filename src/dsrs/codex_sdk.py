@@ -19,9 +19,11 @@ calls; a failed or timed-out turn books what its rollout file says it used (`spe
 in the CLI and are ignored. Retries are off by default (an agent turn has side effects) and so
 is caching, as for every LM.
 
-A timeout (default 600 s) stops the whole process group, SIGTERM then SIGKILL, and raises
-`dsrs.TimeoutError`; the group is also cleared when a call is cancelled and after every exit,
-so no process the agent started outlives the call.
+A timeout (default 300 s: room for an agent turn that runs commands, while a CLI whose model
+server is down or unreachable, which it keeps retrying, gives its lane up within minutes, not ten)
+stops the whole process group, SIGTERM then SIGKILL, and raises `dsrs.TimeoutError`; the group
+is also cleared when a call is cancelled and after every exit, so no process the agent started
+outlives the call.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from .lm import BaseLM, Input
 from .types import Completion, LmUsage, Request, StreamEnd
 
 PROVIDER = "codex-sdk"
-DEFAULT_TIMEOUT = 600.0
+DEFAULT_TIMEOUT = 300.0  # seconds; why: the module docstring
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
 SANDBOXES = ("read-only", "workspace-write", "danger-full-access")
 INSTALL_HINT = "install the Codex CLI with `npm install -g @openai/codex`, or pass with_binary(path)"
@@ -72,7 +74,9 @@ class CodexNotFoundError(errors.ConfigurationError):
 
 # -- the LM ---------------------------------------------------------------------------------
 class CodexSdkLM(BaseLM):
-    """`CodexSdkLM().with_model("gpt-5-codex").with_timeout(60).with_working_dir("/repo")`."""
+    """`CodexSdkLM().with_model("gpt-5-codex").with_timeout(60).with_working_dir("/repo")`.
+
+    Without `with_timeout`, a call is stopped after 300 s (`DEFAULT_TIMEOUT`; why: the module docstring)."""
 
     provider = PROVIDER
 

@@ -1,6 +1,7 @@
 """`LaneMux.auto_detect()`: lanes from what this machine can reach, probed concurrently with short timeouts.
 
-Probes: provider keys in the environment, the `codex` CLI on PATH, an Ollama server
+Probes: provider keys in the environment, the `codex` CLI on PATH whose model server answers
+(its config's provider base URL, or OpenAI's with a key or a login: any HTTP answer), an Ollama server
 (`OLLAMA_HOST`, `/api/tags`: which models), a llama.cpp server (`LLAMACPP_BASE_URL`, else
 127.0.0.1:8080, `/health`), the embedded model installed (an import check; nothing is loaded),
 and a Pylon relay with a wallet (`PYLON_RELAY_URL` and `PYLON_NWC_URI`).
@@ -21,6 +22,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .. import errors
 from ..errors import DsrsError
 from .mux import LaneMux
 
@@ -91,15 +93,59 @@ def _env_probes() -> list[tuple[Probe, Any]]:
     return out
 
 
-def _codex_probe() -> tuple[Probe, Any]:
+# the Codex CLI's built-in model providers other than OpenAI, where they listen by default
+CODEX_LOCAL_PROVIDERS = {"oss": "http://localhost:11434/v1", "ollama": "http://localhost:11434/v1",
+                         "lmstudio": "http://localhost:1234/v1"}  # fmt: skip
+
+
+def _codex_server() -> tuple[str | None, str]:
+    """Where the Codex CLI on this machine sends model requests, from its config (CODEX_HOME,
+    default ~/.codex, `config.toml`): (base URL to probe, or None when it cannot work; why)."""
+    import tomllib
+
+    home = os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")
+    try:
+        with open(os.path.join(home, "config.toml"), "rb") as f:
+            config = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        config = {}
+    name = config.get("model_provider") or "openai"
+    if name == "openai":
+        keys = [k for k in ("CODEX_API_KEY", "OPENAI_API_KEY") if os.environ.get(k)]
+        if keys:
+            why = f"{keys[0]} set"
+        elif os.path.exists(os.path.join(home, "auth.json")):
+            why = "logged in (auth.json)"
+        else:
+            return None, "no CODEX_API_KEY / OPENAI_API_KEY and no `codex login`"
+        return (os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/"), why
+    own = (config.get("model_providers") or {}).get(name)
+    url = own.get("base_url") if isinstance(own, dict) else CODEX_LOCAL_PROVIDERS.get(name)
+    if not isinstance(url, str) or not url:
+        return None, f"model provider {name!r} in config.toml has no base_url"
+    return url.rstrip("/"), f"model provider {name!r}"
+
+
+async def _codex_probe(timeout: float) -> tuple[Probe, Any]:
+    """The CLI is a lane only when its model server answers: offline, every call would wait for
+    the CLI's own retries and then the call's timeout."""
     path = shutil.which("codex")
     if not path:
         return Probe("codex-cli", "binary", False, "codex not on PATH"), None
+    url, why = _codex_server()
+    if url is None:
+        return Probe("codex-cli", "binary", False, f"{path}, but {why}"), None
+    try:
+        await _get(url + "/models", "codex-cli", timeout)
+    except (errors.APIConnectionError, asyncio.TimeoutError) as e:  # no answer at all
+        return Probe("codex-cli", "binary", False, f"{path}, {why}, but {url} does not answer ({type(e).__name__})"), None
+    except DsrsError:
+        pass  # any HTTP answer (401, 404...) says the server is there
     try:
         lm = importlib.import_module("dsrs.codex_sdk").CodexSdkLM().with_binary(path)
     except (ImportError, AttributeError, DsrsError) as e:
         return Probe("codex-cli", "binary", True, f"{path}, but CodexSdkLM is unavailable ({e})"), None
-    return Probe("codex-cli", "binary", True, path), ("premium", lm)
+    return Probe("codex-cli", "binary", True, f"{path}, {why}, {url} answers"), ("premium", lm)
 
 
 async def _get(url: str, name: str, timeout: float) -> Any:
@@ -176,7 +222,7 @@ async def auto_detect(*, timeout: float = DEFAULT_TIMEOUT, policy: Any = "priori
         return fn()
 
     results = await asyncio.gather(
-        now(_codex_probe), now(_env_probes), now(_pylon_probe),
+        _codex_probe(timeout), now(_env_probes), now(_pylon_probe),
         _llamacpp_probe(timeout), _ollama_probe(timeout), now(_embedded_probe),
     )  # fmt: skip
     found: list[tuple[Probe, Any]] = []
