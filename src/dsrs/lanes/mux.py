@@ -14,8 +14,8 @@ Routing one request:
    only while the budget still leaves one attempt for every lane queued after it. Backoff delays
    and sleeping come from the mux's retry policy (`mux.with_options(retry_policy=...)`).
    - transport errors, timeouts, malformed answers, 5xx: retried on the lane, then fall back; a
-     5xx with a Retry-After falls back at once while a queued lane's circuit is not open (alone,
-     the lane is retried, waiting at most `rate_limit_wait`);
+     5xx with a Retry-After falls back at once while a queued lane's circuit is not open (with no
+     such lane, it is retried as the provider's SDK would);
    - `RateLimitError`: a Retry-After up to `rate_limit_wait` seconds (default 5) is waited out
      on the same lane; a longer one pauses the lane for that long and the request moves on;
    - `QuotaExceededError`, auth errors, missing keys, budget refusals: fall back at once;
@@ -259,8 +259,7 @@ class LaneMux(BaseLM):
                 # a 5xx saying "come back later": another lane takes the call now (only a 429 waits)
                 action, wait = "fallback", 0.0
             elif should_retry(e) and n < lane.max_retries and spare:  # the provider's own SDK rule (dsrs.retry)
-                wait = pol.delay(n, ra, e.provider)
-                action, wait = "retry", wait if ra is None else min(wait, self._rate_limit_wait())
+                action, wait = "retry", pol.delay(n, ra, e.provider)
             else:
                 action, wait = "fallback", 0.0
         if left <= 0 or (action == "fallback" and not queue):
