@@ -397,7 +397,8 @@ class LaneMux(BaseLM):
 
     async def _within(self, coro: Coroutine[Any, Any, Completion], seconds: float) -> Completion:
         """`with_timeout(s)` on a mux bounds the whole routed call: every lane, retry and wait."""
-        return await self._bounded(coro, asyncio.get_running_loop().time() + seconds, seconds)
+        c: Completion = await self._bounded(coro, asyncio.get_running_loop().time() + seconds, seconds)
+        return c
 
     async def _bounded(self, aw: Any, deadline: float, seconds: float) -> Any:
         cm = asyncio.timeout_at(deadline)
@@ -458,10 +459,10 @@ class LaneMux(BaseLM):
 
     async def astream(self, prompt: Input, **overrides: Any) -> AsyncIterator[str | StreamEnd]:
         """Deltas from the first lane that starts streaming; falls back only before the first chunk."""
-        timeout = self._opts.get("timeout")
+        timeout: float | None = self._opts.get("timeout")
         routed = self._route(prompt, self._call_opts(overrides), None, stream=True)
+        deadline: float | None = None
         if timeout is None:
-            deadline = None
             lane, (agen, item), d = await routed
         else:  # the deadline covers routing and every later chunk
             deadline = asyncio.get_running_loop().time() + timeout
@@ -481,7 +482,7 @@ class LaneMux(BaseLM):
                 yield item
                 try:
                     nxt = agen.__anext__()
-                    item = await (nxt if deadline is None else self._bounded(nxt, deadline, timeout))
+                    item = await (nxt if deadline is None else self._bounded(nxt, deadline, timeout or 0.0))
                 except StopAsyncIteration:
                     ended = True
                     lane.circuit.failure()

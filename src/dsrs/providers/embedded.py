@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from .. import errors
@@ -134,7 +134,7 @@ class Client:
                     return item
         raise errors.ResponseFormatError("the engine produced nothing", provider="embedded", model=self.model)
 
-    async def stream(self, req: Request) -> AsyncIterator[str | Completion]:
+    async def stream(self, req: Request) -> AsyncGenerator[str | Completion, None]:
         """Generation runs in a worker thread; the engine calls back after each token, and the
         callback's answer stops it: when this call is cancelled or closed, or when the event loop
         waiting for it no longer runs (Ctrl-C in a sync call: KeyboardInterrupt leaves the loop).
