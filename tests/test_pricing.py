@@ -311,7 +311,8 @@ def test_cli_ask_and_usage_show_usd_beside_msats(scripted: Any, tmp_path: Any) -
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     # gpt-4o-mini: 1,000 * 0.15 + 10 * 0.60 = 156 micro-USD
-    assert r.stdout.strip().splitlines()[-1].endswith("cost: 156 msats ($0.000156)")
+    assert r.stdout.strip() == "Paris"  # the answer on stdout, the usage line on stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("cost: 156 msats ($0.000156)")
     u = subprocess.run([*run, "usage", "--by", "model"], env=env, capture_output=True, text=True, timeout=120)
     assert u.returncode == 0 and "156 ($0.000156)" in u.stdout and "cost msats (USD)" in u.stdout, u.stdout
 
