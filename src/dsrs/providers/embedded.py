@@ -149,7 +149,10 @@ class Client:
             if not loop.is_running():  # nobody is waiting any more
                 stop.set()
             if not stop.is_set():
-                loop.call_soon_threadsafe(q.put_nowait, chunk)
+                try:
+                    loop.call_soon_threadsafe(q.put_nowait, chunk)
+                except RuntimeError:  # the loop closed meanwhile
+                    stop.set()
             return stop.is_set()  # a true return tells the engine to stop generating
 
         def run() -> None:
