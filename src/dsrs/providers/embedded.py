@@ -127,65 +127,94 @@ class Client:
         return Completion(text, usage, (), finish, self.model, "embedded", r.get("id"), raw=r)  # type: ignore[arg-type]
 
     async def complete(self, req: Request) -> Completion:
-        # run as a stream inside: generation then stops at the next token when the call is cancelled
-        async with contextlib.aclosing(self.stream(req)) as items:
-            async for item in items:
-                if isinstance(item, Completion):
-                    return item
-        raise errors.ResponseFormatError("the engine produced nothing", provider="embedded", model=self.model)
+        run = await self._start(req)
+        parts: list[str] = []
+        try:
+            while (chunk := await run.next()) is not None:
+                parts.append(chunk["choices"][0].get("text") or "")
+        except BaseException as e:
+            await run.end(e)
+            raise
+        return self._final(run, parts)
 
     async def stream(self, req: Request) -> AsyncGenerator[str | Completion, None]:
-        """Generation runs in a worker thread; the engine calls back after each token, and the
-        callback's answer stops it: when this call is cancelled or closed, or when the event loop
-        waiting for it no longer runs (Ctrl-C in a sync call: KeyboardInterrupt leaves the loop).
-        An abandoned generation never holds the engine, nor the process at exit, past one token."""
-        engine = await asyncio.to_thread(self._engine, req)
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[Any] = asyncio.Queue()
-        body = self.body(req, True)
-        stop = threading.Event()
-
-        def on_chunk(chunk: dict[str, Any]) -> bool:
-            if not loop.is_running():  # nobody is waiting any more
-                stop.set()
-            if not stop.is_set():
-                try:
-                    loop.call_soon_threadsafe(q.put_nowait, chunk)
-                except RuntimeError:  # the loop closed meanwhile
-                    stop.set()
-            return stop.is_set()  # a true return tells the engine to stop generating
-
-        def run() -> None:
-            try:
-                engine.handle_completions(body, on_chunk)
-                end: Any = asyncio.CancelledError() if stop.is_set() else None  # the call was abandoned
-            except BaseException as e:  # delivered to the consumer
-                end = e
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
-                loop.call_soon_threadsafe(q.put_nowait, end)
-
-        task = loop.run_in_executor(None, run)
+        run = await self._start(req)
         parts: list[str] = []
-        last: dict[str, Any] | None = None
         try:
-            while True:
-                chunk = await q.get()
-                if chunk is None:
-                    break
-                if isinstance(chunk, BaseException):
-                    raise chunk
-                if "error" in chunk:
-                    self._completion(chunk, "")
-                last = chunk
+            while (chunk := await run.next()) is not None:
                 text = chunk["choices"][0].get("text") or ""
                 if text:
                     parts.append(text)
                     yield text
-        finally:
-            stop.set()
-            await task  # at most one more token
+        except BaseException as e:
+            await run.end(e)
+            raise
+        yield self._final(run, parts)
+
+    async def _start(self, req: Request) -> _Generation:
+        engine = await asyncio.to_thread(self._engine, req)
+        return _Generation(engine, self.body(req, True), self)
+
+    def _final(self, run: _Generation, parts: list[str]) -> Completion:
+        last = run.last
         if last is None:
             raise errors.ResponseFormatError("the engine produced nothing", provider="embedded", model=self.model)
         full = "".join(parts)
         raw = {**last, "choices": [{**last["choices"][0], "text": full}]}
-        yield self._completion(raw, full)
+        return self._completion(raw, full)
+
+
+class _Generation:
+    """One generation in a worker thread. The engine calls back after each token, and the
+    callback's answer stops it: when the call is cancelled or closed (`end`), or when the event
+    loop waiting for it no longer runs (Ctrl-C in a sync call: KeyboardInterrupt leaves the loop).
+    An abandoned generation never holds the engine, nor the process at exit, past one token.
+    Plain coroutines, no async generator: a call abandoned at exit closes without errors."""
+
+    def __init__(self, engine: Any, body: dict[str, Any], client: Client) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.q: asyncio.Queue[Any] = asyncio.Queue()
+        self.stop = threading.Event()
+        self.client = client
+        self.last: dict[str, Any] | None = None
+        self.engine, self.body = engine, body
+        self.task = self.loop.run_in_executor(None, self._run)
+
+    def _on_chunk(self, chunk: dict[str, Any]) -> bool:
+        if not self.loop.is_running():  # nobody is waiting any more
+            self.stop.set()
+        if not self.stop.is_set():
+            try:
+                self.loop.call_soon_threadsafe(self.q.put_nowait, chunk)
+            except RuntimeError:  # the loop closed meanwhile
+                self.stop.set()
+        return self.stop.is_set()  # a true return tells the engine to stop generating
+
+    def _run(self) -> None:
+        try:
+            self.engine.handle_completions(self.body, self._on_chunk)
+            end: Any = asyncio.CancelledError() if self.stop.is_set() else None  # the call was abandoned
+        except BaseException as e:  # delivered to the consumer
+            end = e
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+            self.loop.call_soon_threadsafe(self.q.put_nowait, end)
+
+    async def next(self) -> dict[str, Any] | None:
+        """The next chunk with text, or None at the end (the last chunk, with usage, is `last`)."""
+        chunk = await self.q.get()
+        if chunk is None:
+            await self.task
+            return None
+        if isinstance(chunk, BaseException):
+            raise chunk
+        if "error" in chunk:
+            self.client._completion(chunk, "")
+        self.last = chunk
+        return chunk  # type: ignore[no-any-return]
+
+    async def end(self, e: BaseException) -> None:
+        """The call ends early: stop at the next token, and wait for that unless the coroutine
+        is being closed (GeneratorExit: it may not wait any more)."""
+        self.stop.set()
+        if not isinstance(e, GeneratorExit):
+            await asyncio.shield(self.task)
