@@ -270,3 +270,41 @@ async def test_lane_budgets_are_booked_on_an_lm_of_the_users_own() -> None:
     with pytest.raises(dsrs.BudgetExceededError):
         await LaneMux().add_lane("own", own, budget=tight).acall("hi", max_tokens=20)
     assert own.calls == 2
+
+
+def test_ctrl_c_on_a_sync_call_cancels_it_and_books_its_worst_case(scripted: Any, tmp_path: Any) -> None:
+    """A sync call interrupted while it waits (Ctrl-C) is cancelled, not left pending on the thread's
+    loop: its reservation ends at once (kept at the worst case: the request had left)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    scripted.script(Reply(json={}, delay=3600))
+    script = tmp_path / "interrupted.py"
+    script.write_text(f"""
+import json, sys
+import dsrs
+from dsrs import LM, Budget
+b = Budget(10**9)
+lm = LM("openai/gpt-4o-mini", base_url={scripted.url!r}, api_key="k", max_tokens=40, budget=b)
+try:
+    lm("hi")
+except KeyboardInterrupt:
+    print(json.dumps([b.spent_msats, b.reserved_msats, b.open_reservations]), flush=True)
+""")
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # until the request reached the server
+            if scripted.requests:
+                break
+            time.sleep(0.1)
+        assert scripted.requests, "the call never reached the server"
+        os.kill(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    spent, reserved, open_ = json.loads(out.strip().splitlines()[-1])
+    wc = worst_case("openai", "gpt-4o-mini", LM("openai/gpt-4o-mini", max_tokens=40).request("hi"))
+    assert (spent, reserved, open_) == (wc, 0, 0), err

@@ -72,8 +72,21 @@ def _in_loop() -> bool:
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` to its end. If the wait is interrupted (Ctrl-C), the call is cancelled, not left
+    pending: it unwinds at once (a budget books what it may have cost, a stream is closed)."""
     if not _in_loop():
-        return _thread_loop().run_until_complete(coro)
+        loop = _thread_loop()
+        task = loop.create_task(coro)
+        try:
+            return loop.run_until_complete(task)
+        except BaseException:
+            if not task.done():
+                task.cancel()
+                try:
+                    loop.run_until_complete(task)
+                except BaseException:  # its cancellation, or whatever it ended with: the interruption wins
+                    pass
+            raise
     loop = _background_loop()
     if asyncio.get_running_loop() is loop:
         # a sync call made from code already running on the background loop (e.g. a usage hook):
@@ -86,7 +99,12 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         if ok:
             return value  # type: ignore[no-any-return]
         raise value
-    return asyncio.run_coroutine_threadsafe(coro, loop).result()
+    fut = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return fut.result()
+    except BaseException:
+        fut.cancel()  # interrupted while waiting: the call on the background loop is cancelled too
+        raise
 
 
 def _capture(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
