@@ -131,19 +131,24 @@ def _rows(data: Any, source: str) -> dict[str, Price]:
     return out
 
 
+def _read_rows(path: str | os.PathLike[str], what: str, hint: str) -> dict[str, Price]:
+    """The priced rows of a JSON file shaped like prices.json's `models`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise _error(f"{what} could not be read as JSON ({type(e).__name__})", hint) from None
+    return _rows(data, what)
+
+
 def _env() -> dict[str, Price]:
     global _env_rows
     if _env_rows is None:
         path = os.environ.get("DSRS_PRICES")
         rows: dict[str, Price] = {}
         if path:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    data = json.load(f)
-            except (OSError, ValueError) as e:
-                raise _error(f"DSRS_PRICES={path!r} could not be read as JSON ({type(e).__name__})",
-                             "point DSRS_PRICES at a JSON file like prices.json's models, or unset it") from None  # fmt: skip
-            rows = _rows(data, f"DSRS_PRICES={path!r}")
+            rows = _read_rows(path, f"DSRS_PRICES={path!r}",
+                              "point DSRS_PRICES at a JSON file like prices.json's models, or unset it")  # fmt: skip
         with _lock:
             if _env_rows is None:
                 _env_rows = rows
@@ -172,13 +177,7 @@ def load(source: str | os.PathLike[str] | dict[str, Any]) -> None:
     if isinstance(source, dict):
         rows = _rows(source, "prices")
     else:
-        try:
-            with open(source, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise _error(f"prices file {str(source)!r} could not be read as JSON ({type(e).__name__})",
-                         "pass a JSON file like prices.json's models") from None  # fmt: skip
-        rows = _rows(data, f"prices file {str(source)!r}")
+        rows = _read_rows(source, f"prices file {str(source)!r}", "pass a JSON file like prices.json's models")
     with _lock:
         _registered.update(rows)
     price.cache_clear()
