@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import dsrs
 from dsrs import LM, Budget, BudgetExceededError, pricing
-from dsrs.budget import MESSAGE_OVERHEAD, default_max_tokens, estimate_prompt_tokens, worst_case
+from dsrs.worst_case import MESSAGE_OVERHEAD, default_max_tokens, estimate_prompt_tokens, worst_case
 from dsrs.types import Message, Request
 from scripted import Reply, chat_reply
 

@@ -348,7 +348,7 @@ def test_client_disconnect_mid_stream_cancels_the_upstream(scripted: Any) -> Non
             threading.Event().wait(0.01)
         assert budget.open_reservations == 0 and budget.reserved_msats == 0
         from dsrs import pricing
-        from dsrs.budget import MESSAGE_OVERHEAD
+        from dsrs.worst_case import MESSAGE_OVERHEAD
 
         # an abandoned stream keeps its worst case (the provider may go on generating): "hi" is 2 bytes
         worst = pricing.cost_msats("openai", "gpt-4o-mini", 2 + MESSAGE_OVERHEAD, 100)  # max_tokens 100
@@ -616,7 +616,7 @@ def _ledger_rows(gw: InProcessGateway, lane: str) -> list[Any]:
 
 def test_an_abandoned_stream_is_in_the_ledger_metrics_and_counters_as_booked(scripted: Any) -> None:
     from dsrs import pricing
-    from dsrs.budget import MESSAGE_OVERHEAD
+    from dsrs.worst_case import MESSAGE_OVERHEAD
 
     up = SlowUpstream()
     gw = InProcessGateway({
@@ -678,7 +678,7 @@ def test_an_abandoned_stream_without_budgets_has_a_row_of_unknown_cost() -> None
 
 def test_a_call_that_timed_out_after_sending_is_in_the_ledger_and_metrics(scripted: Any) -> None:
     from dsrs import pricing
-    from dsrs.budget import MESSAGE_OVERHEAD
+    from dsrs.worst_case import MESSAGE_OVERHEAD
 
     gw = InProcessGateway({
         "cache": {"enabled": False},
@@ -706,7 +706,7 @@ def test_a_call_that_timed_out_after_sending_is_in_the_ledger_and_metrics(script
 
 def test_a_call_the_client_abandons_is_in_the_ledger_metrics_and_counters_as_booked(scripted: Any) -> None:
     from dsrs import pricing
-    from dsrs.budget import MESSAGE_OVERHEAD
+    from dsrs.worst_case import MESSAGE_OVERHEAD
 
     gw = InProcessGateway({
         "cache": {"enabled": False},
@@ -737,7 +737,7 @@ def test_a_call_the_client_abandons_is_in_the_ledger_metrics_and_counters_as_boo
 
 def test_a_timed_out_lane_before_a_fallback_answered_is_booked_on_that_lane(scripted: Any) -> None:
     from dsrs import pricing
-    from dsrs.budget import MESSAGE_OVERHEAD
+    from dsrs.worst_case import MESSAGE_OVERHEAD
 
     gw = InProcessGateway({
         "cache": {"enabled": False},

@@ -19,7 +19,7 @@ import dsrs  # noqa: E402
 import dsrs.interop.dspy as dd  # noqa: E402
 from conftest import FEW_SHOT  # noqa: E402
 from dsrs import LM, Budget, LaneMux  # noqa: E402
-from dsrs.budget import lm_worst_case  # noqa: E402
+from dsrs.worst_case import lm_worst_case  # noqa: E402
 from scripted import Reply, chat_reply  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import pytest
 import dsrs
 from conftest import FEW_SHOT
 from dsrs import LM, Budget, LaneMux, StreamEnd
-from dsrs.budget import worst_case
+from dsrs.worst_case import worst_case
 from dsrs.lanes import CircuitBreaker, NoLaneAvailableError, RouteDecision
 from scripted import Reply, ScriptedServer, chat_reply
 

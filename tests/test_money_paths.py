@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import dsrs
 from dsrs import LM, Budget, LaneMux, pricing
-from dsrs.budget import worst_case
+from dsrs.worst_case import worst_case
 from dsrs.retry import RetryPolicy
 from scripted import Reply, ScriptedServer, Seen
 
@@ -178,7 +178,7 @@ def test_every_billed_request_is_booked_and_no_budget_is_overspent(
 
 # -- the worst case is an upper bound ------------------------------------------------------------
 def test_worst_case_reads_caps_and_choices_from_extra_and_the_cap_the_protocol_sends() -> None:
-    from dsrs.budget import estimate_prompt_tokens
+    from dsrs.worst_case import estimate_prompt_tokens
 
     lm = LM("openai/gpt-4o-mini", api_key="k", max_tokens=100)
     req = lm.request(PROMPT)
@@ -195,7 +195,7 @@ def test_worst_case_reads_caps_and_choices_from_extra_and_the_cap_the_protocol_s
     assert estimate_prompt_tokens(digits) >= 600
     # Anthropic's Messages API requires max_tokens and dsrs sends 4096 when none is set: that, not the
     # model's 64k output cap, bounds the call; the same model through a service that sends none gets 64k
-    from dsrs.budget import lm_worst_case
+    from dsrs.worst_case import lm_worst_case
 
     claude = LM("anthropic/claude-sonnet-4-5", api_key="k")
     creq = claude.request(PROMPT)

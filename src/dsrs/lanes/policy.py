@@ -2,7 +2,7 @@
 
 - `priority`: the order lanes were added (the default).
 - `cheapest`: the lane's `cost_msats` hint, else its LM's `bid_msats` (a swarm bid), else this
-  request's worst-case cost on the lane (`budget.lm_worst_case`: the LM's own pricing or the
+  request's worst-case cost on the lane (`worst_case.lm_worst_case`: the LM's own pricing or the
   price table); unknown prices rank last.
 - `fastest`: the lane's observed latency (exponentially weighted); a lane not yet observed uses
   its `latency_s` hint, else 0 (it is tried, so it gets measured).
@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from .. import budget
+from .. import worst_case
 from ..errors import ConfigurationError
 from ..types import Request
 from .lane import Lane
@@ -36,7 +36,7 @@ def cheapest(lane: Lane, req: Request) -> float:
         return float(hint)
     if lane.nested or not getattr(lane.lm, "provider", ""):
         return math.inf
-    wc = budget.lm_worst_case(lane.lm, req)
+    wc = worst_case.lm_worst_case(lane.lm, req)
     return math.inf if wc is None else float(wc)
 
 
