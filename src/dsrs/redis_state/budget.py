@@ -379,26 +379,18 @@ class RedisBudget(Budget):
             self._sync_local()
             verdict, n = self._run("budget_reserve", _RESERVE,
                                    [amount, int(unpriced), int(self.allow_unpriced), int(self.soft), rid])  # fmt: skip
-        except _Lost as e:
+        except (_Lost, *self.state.errors) as e:
             if self.on_down == "local":
                 return self._reserve_local(worst_case_msats)
+            lost = isinstance(e, _Lost)
             raise BudgetExceededError(
-                f"{self._label()} cannot be checked: {e}, so the call is refused",
+                f"{self._label()} cannot be checked: {e if lost else 'Redis is unreachable'}, so the call is refused",
                 limit_msats=self.limit_msats,
                 needed_msats=amount,
                 code="budget_unavailable",
                 hint="restore the books with RedisBudget.restore(<msats really spent>) or reset() them for a new "
-                "period; run Redis with appendonly yes so that a restart keeps them",
-            ) from None
-        except self.state.errors:
-            if self.on_down == "local":
-                return self._reserve_local(worst_case_msats)
-            raise BudgetExceededError(
-                f"{self._label()} cannot be checked: Redis is unreachable, so the call is refused",
-                limit_msats=self.limit_msats,
-                needed_msats=amount,
-                code="budget_unavailable",
-                hint="bring Redis back, or set on_down = \"local\" to book in-process meanwhile",
+                "period; run Redis with appendonly yes so that a restart keeps them" if lost
+                else "bring Redis back, or set on_down = \"local\" to book in-process meanwhile",
             ) from None
         if verdict in ("unpriced", "exceeded"):
             raise self._refusal(verdict, amount, n)
