@@ -92,7 +92,7 @@ async def _ask(args: argparse.Namespace) -> int:
     max_tokens = args.max_tokens if args.max_tokens is not None else BASE_MAX_TOKENS if base else None
     if max_tokens is not None:
         lm = lm.with_max_tokens(max_tokens)
-    if base and not args.lane:
+    if base:  # a base model samples nonsense at its default temperature; greedy answers the question
         lm = lm.with_temperature(0.0)
     qa = Predict("question -> answer", demos=ASK_DEMOS if base else (), adapter=adapter)
     if args.stream:
