@@ -100,3 +100,13 @@ def fake_retry(sleeps: list[float]) -> Any:
         sleeps.append(s)
 
     return RetryPolicy(2, sleep, lambda: 0.0)
+
+
+@pytest.fixture
+def stock_relay(tmp_path: Any) -> Iterator[Any]:
+    """PyPI's nostr-relay, unmodified and with its stock limits, on 127.0.0.1 (see stock_relay.py)."""
+    from stock_relay import StockRelay
+
+    relay = StockRelay.start(tmp_path / "stock-relay")
+    yield relay
+    relay.stop()
