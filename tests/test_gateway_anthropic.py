@@ -118,6 +118,24 @@ def test_system_blocks_content_blocks_and_bearer_auth(gateway: InProcessGateway,
         {"role": "assistant", "content": "Sure:"}, {"role": "user", "content": "go"}]  # fmt: skip
 
 
+def test_structured_output_and_top_k_reach_the_lane(gateway: InProcessGateway, scripted: Any) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    scripted.script(chat_reply('{"city": "Paris"}'))
+    r = sdk(gateway).messages.create(model="remote", max_tokens=40, messages=[{"role": "user", "content": "capital?"}],
+                                     output_config={"format": {"type": "json_schema", "schema": schema}, "effort": "low"},
+                                     extra_body={"top_k": 5})  # fmt: skip
+    assert json.loads(r.content[0].text) == {"city": "Paris"}
+    sent = scripted.requests[0].json
+    assert sent["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    assert sent["top_k"] == 5 and "effort" not in json.dumps(sent)
+
+
+def test_unknown_paths_under_messages_answer_in_anthropic_shape(gateway: InProcessGateway) -> None:
+    with pytest.raises(anthropic.NotFoundError) as ei:  # the gateway has no token counting
+        sdk(gateway).messages.count_tokens(model="remote", messages=[{"role": "user", "content": "x"}])
+    assert ei.value.body["type"] == "error" and ei.value.body["error"]["type"] == "not_found_error"
+
+
 # -- streaming ------------------------------------------------------------------------------------
 def test_stream_helper_and_raw_stream(gateway: InProcessGateway, scripted: Any) -> None:
     scripted.script(_stream_reply(["Bon", "jour", "!"], prompt=9, completion=3), _stream_reply(["Hi"], 4, 1))

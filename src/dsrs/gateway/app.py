@@ -67,8 +67,8 @@ async def _count(request: web.Request, handler: Callable[[web.Request], Any]) ->
         resp = await handler(request)
     except web.HTTPException as e:  # unknown paths, wrong methods: OpenAI-style bodies too
         kind = "not_found" if e.status == 404 else "invalid_request_error"
-        resp = web.json_response(requests.error_body(f"{request.method} {request.path[:200]}: {e.reason}", kind, None),
-                                 status=e.status)  # fmt: skip
+        w = requests.WireError(e.status, f"{request.method} {request.path[:200]}: {e.reason}", type=kind)
+        resp = _error(w, "messages" if request.path.startswith("/v1/messages") else "chat")  # Anthropic's shape there
         endpoint = "other"
     except asyncio.CancelledError:  # the client went away (handler_cancellation): 499, as nginx logs it
         m.inc("dsrs_gateway_requests_total", endpoint=endpoint, status=499)
