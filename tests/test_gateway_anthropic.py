@@ -38,10 +38,14 @@ def gateway(scripted: Any) -> Iterator[InProcessGateway]:
         "models": {"claude-via-dsrs": {"lanes": ["remote"]}},
         "budgets": {"team": {"limit_msats": 2_000}},
         "keys": {"alice": {"key_env": "CLIENT_KEY"},
-                 "bob": {"key_env": "OTHER_KEY", "budget": "team", "rpm": 4, "models": ["remote"]}},
-    })  # fmt: skip
+                 "bob": {"key_env": "OTHER_KEY", "budget": "team", "models": ["remote"]},
+                 "carol": {"key_env": "CAROL_KEY", "rpm": 1}},
+    }, env={"CAROL_KEY": CAROL_KEY})  # fmt: skip
     yield gw
     gw.close()
+
+
+CAROL_KEY = "sk-client-carol-1111111111"
 
 
 def sdk(gw: InProcessGateway, key: str = CLIENT_KEY, **kw: Any) -> anthropic.Anthropic:
@@ -100,6 +104,18 @@ def test_a_plain_message_with_a_system_prompt(gateway: InProcessGateway, scripte
                          "messages": [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "hello"}],
                          "max_completion_tokens": 50, "temperature": 0.2, "top_p": 0.9, "stop": ["\n\n", "END"]}  # fmt: skip
     assert CLIENT_KEY not in json.dumps(seen.headers)
+
+
+def test_an_image_block_reaches_the_lane(gateway: InProcessGateway, scripted: Any) -> None:
+    scripted.script(chat_reply("a red dot"))
+    png = "iVBORw0KGgo="
+    r = sdk(gateway).messages.create(model="remote", max_tokens=20, messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
+        {"type": "text", "text": "What is this?"}]}])  # fmt: skip
+    assert r.content[0].text == "a red dot"
+    assert scripted.requests[0].json["messages"] == [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+        {"type": "text", "text": "What is this?"}]}]  # fmt: skip
 
 
 def test_system_blocks_content_blocks_and_bearer_auth(gateway: InProcessGateway, scripted: Any) -> None:
@@ -257,7 +273,7 @@ def test_errors_in_anthropic_shape(gateway: InProcessGateway, scripted: Any) -> 
     assert scripted.requests == []
 
 
-def test_budget_exhausted_is_a_402_billing_error_and_rate_limit_a_429(gateway: InProcessGateway, scripted: Any) -> None:
+def test_budget_exhausted_is_a_402_billing_error(gateway: InProcessGateway, scripted: Any) -> None:
     # bob's budget: 2000 msats; the worst case of one call (prompt + 1000 output tokens at gpt-4o-mini prices) ~ 601
     scripted.script(default=chat_reply("ok", prompt_tokens=5, completion_tokens=1000))
     client = sdk(gateway, OTHER_KEY)
@@ -271,9 +287,20 @@ def test_budget_exhausted_is_a_402_billing_error_and_rate_limit_a_429(gateway: I
     team = gateway.runtime.budgets["team"]
     assert ok == 3 == len(scripted.requests)
     assert team.spent_msats == 3 * 601 <= team.limit_msats and team.open_reservations == 0
-    # rpm = 4 per clock minute, and bob made 4 requests (the refused one counts): the next is a 429
+    with pytest.raises(anthropic.PaymentRequiredError):  # a stream is refused before its 200, the same way
+        client.messages.create(model="remote", max_tokens=1000, stream=True, messages=[{"role": "user", "content": "x"}])
+    assert len(scripted.requests) == 3 and team.open_reservations == 0
+
+
+def test_a_keys_rate_limit_is_a_429_rate_limit_error(gateway: InProcessGateway, scripted: Any) -> None:
+    scripted.script(default=chat_reply("ok"))
+    client = sdk(gateway, CAROL_KEY)  # rpm = 1 per clock minute: of 3 quick calls, at most 2 windows let one through
+    answered = 0
     with pytest.raises(anthropic.RateLimitError) as ei:
-        client.messages.create(model="remote", max_tokens=1, messages=[{"role": "user", "content": "x"}])
+        for _ in range(3):
+            client.messages.create(model="remote", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+            answered += 1
+    assert 1 <= answered <= 2 and len(scripted.requests) == answered
     assert ei.value.body["error"]["type"] == "rate_limit_error" and 1 <= int(ei.value.response.headers["retry-after"]) <= 60
 
 

@@ -30,7 +30,6 @@ or spend limit reached", with `x-should-retry: false`; a key's rate limit stays 
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from .. import errors
@@ -133,7 +132,8 @@ def _turn(m: Any, where: str) -> list[Message]:
             name = _string(b.get("name"), f"{at}.name")
             if not name:
                 raise bad(f"{at}: a tool_use block needs a name", f"{at}.name")
-            calls.append(convert.tool_call(_string(b.get("id"), f"{at}.id") or "", name, _obj(b.get("input") or {}, f"{at}.input")))
+            args = _obj(b.get("input") or {}, f"{at}.input")
+            calls.append(convert.tool_call(_string(b.get("id"), f"{at}.id") or "", name, args))
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             continue  # the lane's own reasoning is not replayed
         else:
@@ -155,7 +155,8 @@ def _result_text(b: dict[str, Any], at: str) -> str:
     out = []
     for k, p in enumerate(_array(c, f"{at}.content")):
         if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-            raise bad(f"{at}.content[{k}]: a tool result may hold text blocks only", f"{at}.content", "unsupported_content")
+            raise bad(f"{at}.content[{k}]: a tool result may hold text blocks only", f"{at}.content",
+                      "unsupported_content")  # fmt: skip
         out.append(p["text"])
     return "".join(out)
 
@@ -213,12 +214,11 @@ class MessagesStream:
     def __init__(self, model: str) -> None:
         self.mid, self.model, self.index = new_id("msg_"), model, 0
         self.text_open = False
-        self.created = int(time.time())
 
     def start(self) -> list[dict[str, Any]]:
         # the input tokens are known only at the end (from the lane's usage): message_delta carries them
-        msg = {"id": self.mid, "type": "message", "role": "assistant", "model": self.model, "content": [],
-               "stop_reason": None, "stop_sequence": None, "usage": usage(LmUsage())}  # fmt: skip
+        msg: dict[str, Any] = {"id": self.mid, "type": "message", "role": "assistant", "model": self.model,
+                               "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage(LmUsage())}  # fmt: skip
         return [{"type": "message_start", "message": msg}]
 
     def _open_text(self) -> list[dict[str, Any]]:
@@ -227,7 +227,8 @@ class MessagesStream:
 
     def delta(self, text: str) -> list[dict[str, Any]]:
         out = [] if self.text_open else self._open_text()
-        return [*out, {"type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": text}}]
+        delta = {"type": "text_delta", "text": text}
+        return [*out, {"type": "content_block_delta", "index": self.index, "delta": delta}]
 
     def _close(self) -> dict[str, Any]:
         ev = {"type": "content_block_stop", "index": self.index}

@@ -18,7 +18,7 @@ from aiohttp.web_protocol import RequestHandler
 BODY = "400 Bad Request: the request is not valid HTTP"
 
 
-class _FixedErrors(RequestHandler):  # type: ignore[misc]
+class _FixedErrors(RequestHandler):
     __slots__ = ()  # the same layout as RequestHandler: a handler's class can be swapped for this one
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
