@@ -403,6 +403,25 @@ def test_messages_on_the_real_llama_cpp_lane(llama_server: Any) -> None:
             streamed = "".join(s.text_stream)
             final = s.get_final_message()
         assert streamed == r.content[0].text and final.usage.output_tokens == 4 and final.stop_reason == "max_tokens"
+        # llama.cpp speaks Anthropic Messages itself: the same SDK against it gives the same answer and events
+        own = anthropic.Anthropic(base_url=llama_server.url, api_key="unused", max_retries=0)
+        theirs = own.messages.create(model="gemma", max_tokens=4, messages=[{"role": "user", "content": FEW_SHOT}],
+                                     extra_body={"temperature": 0.0})  # fmt: skip
+        assert (theirs.content[0].text, theirs.stop_reason, theirs.usage.output_tokens) == (
+            r.content[0].text, r.stop_reason, r.usage.output_tokens)  # fmt: skip
+
+        def kinds(c: anthropic.Anthropic, model: str) -> list[str]:
+            evs = c.messages.create(model=model, max_tokens=4, stream=True, extra_body={"temperature": 0.0},
+                                    messages=[{"role": "user", "content": FEW_SHOT}])  # fmt: skip
+            out: list[str] = []
+            for ev in evs:
+                if ev.type != "ping" and (not out or out[-1] != ev.type):  # a run of deltas counts once
+                    out.append(ev.type)
+            return out
+
+        assert kinds(client, "local") == kinds(own, "gemma") == [
+            "message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
+            "message_stop"]  # fmt: skip
     finally:
         gw.close()
 
