@@ -86,7 +86,8 @@ def _tool_call_reply(args: str = '{"city": "Paris"}') -> Reply:
 
 # -- plain messages -------------------------------------------------------------------------------
 def test_a_plain_message_with_a_system_prompt(gateway: InProcessGateway, scripted: Any) -> None:
-    scripted.script(chat_reply("Bonjour", prompt_tokens=12, completion_tokens=3))
+    scripted.script(chat_reply("Bonjour", usage={"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15,
+                                                 "prompt_tokens_details": {"cached_tokens": 4}}))  # fmt: skip
     r = sdk(gateway).messages.create(model="remote", max_tokens=50, system="Answer in French.",
                                      messages=[{"role": "user", "content": "hello"}], stop_sequences=["\n\n", "END"],
                                      metadata={"user_id": "u-1"}, service_tier="auto",
@@ -96,7 +97,7 @@ def test_a_plain_message_with_a_system_prompt(gateway: InProcessGateway, scripte
     assert (r.type, r.role, r.model, r.stop_reason, r.stop_sequence) == ("message", "assistant", "remote", "end_turn", None)
     assert [(b.type, b.text) for b in r.content] == [("text", "Bonjour")]
     assert r.id.startswith("msg_")
-    assert (r.usage.input_tokens, r.usage.output_tokens) == (12, 3)
+    assert (r.usage.input_tokens, r.usage.cache_read_input_tokens, r.usage.output_tokens) == (8, 4, 3)  # 12 in all
     assert r.model_extra["dsrs"]["lane"] == "remote" and r.model_extra["dsrs"]["provider"] == "openai"
     (seen,) = scripted.requests
     assert seen.path == "/v1/chat/completions" and seen.headers["authorization"] == "Bearer sk-upstream-secret-42"
@@ -396,7 +397,8 @@ def test_messages_on_the_real_llama_cpp_lane(llama_server: Any) -> None:
                                                             "max_tokens": 4, "temperature": 0.0})  # fmt: skip
         assert r.content[0].text == direct["choices"][0]["message"]["content"] and "Paris" in r.content[0].text
         assert r.stop_reason == "max_tokens" and r.usage.output_tokens == 4
-        assert r.usage.input_tokens == direct["usage"]["prompt_tokens"]
+        # Anthropic's input_tokens leave out cache reads (llama.cpp reuses the prompt of an earlier call)
+        assert r.usage.input_tokens + r.usage.cache_read_input_tokens == direct["usage"]["prompt_tokens"]
         assert r.model_extra["dsrs"]["provider"] == "llamacpp" and r.model_extra["dsrs"]["cost_msats"] == 0
         with client.messages.stream(model="local", max_tokens=4, extra_body={"temperature": 0.0},
                                     messages=[{"role": "user", "content": FEW_SHOT}]) as s:  # fmt: skip
