@@ -274,6 +274,34 @@ def test_errors_in_anthropic_shape(gateway: InProcessGateway, scripted: Any) -> 
     assert scripted.requests == []
 
 
+def test_upstream_errors_and_limits_in_anthropic_shape(gateway: InProcessGateway, scripted: Any) -> None:
+    client = sdk(gateway)
+    msgs = [{"role": "user", "content": "x"}]
+    scripted.script(Reply(429, {"error": {"message": "You exceeded your current quota", "type": "insufficient_quota",
+                                          "code": "insufficient_quota"}}))  # fmt: skip
+    with pytest.raises(anthropic.PaymentRequiredError) as ei:  # the lane's quota is spent: billing, not a retry
+        client.messages.create(model="remote", max_tokens=5, messages=msgs)
+    assert ei.value.body["error"]["type"] == "billing_error"
+    scripted.script(Reply(429, {"error": {"message": "slow down", "type": "requests"}}, headers={"retry-after": "7"}))
+    with pytest.raises(anthropic.RateLimitError) as ei:
+        client.messages.create(model="remote", max_tokens=5, messages=msgs)
+    assert ei.value.body["error"]["type"] == "rate_limit_error" and ei.value.response.headers["retry-after"] == "7"
+    scripted.script(Reply(401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}))
+    with pytest.raises(anthropic.InternalServerError) as ei:  # the upstream's key, not the client's: 502
+        client.messages.create(model="remote", max_tokens=5, messages=msgs)
+    assert ei.value.status_code == 502 and ei.value.body["error"]["type"] == "api_error"
+    assert "sk-upstream-secret-42" not in json.dumps(ei.value.body)
+    scripted.script(Reply(400, {"error": {"message": "maximum context length is 128000 tokens",
+                                          "code": "context_length_exceeded"}}))  # fmt: skip
+    with pytest.raises(anthropic.BadRequestError) as ei:
+        client.messages.create(model="remote", max_tokens=5, messages=msgs)
+    assert ei.value.body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.APIStatusError) as ei:
+        client.messages.create(model="remote", max_tokens=5, messages=[{"role": "user", "content": "x" * 5_000_000}])
+    assert ei.value.status_code == 413 and ei.value.body["error"]["type"] == "request_too_large"
+    assert len(scripted.requests) == 1  # since the last script: the 400 reached the upstream, the 413 did not
+
+
 def test_budget_exhausted_is_a_402_billing_error(gateway: InProcessGateway, scripted: Any) -> None:
     # bob's budget: 2000 msats; the worst case of one call (prompt + 1000 output tokens at gpt-4o-mini prices) ~ 601
     scripted.script(default=chat_reply("ok", prompt_tokens=5, completion_tokens=1000))
