@@ -1,8 +1,11 @@
-"""The dsrs gateway: an OpenAI-compatible server (Chat Completions, Responses, models) over dsrs lanes.
+"""The dsrs gateway: an OpenAI-compatible server (Chat Completions, Responses, models) and Anthropic
+Messages over dsrs lanes.
 
 `dsrs serve --config dsrs.toml` runs it; `config` holds the TOML schema, `requests` the OpenAI
 requests in (parsing, validation, errors to the client), `replies` the OpenAI bodies and SSE streams
-out, `runtime` what a config builds, `app` the HTTP handlers, `metrics` the Prometheus counters. Shared state across gateway processes is `dsrs.redis_state`.
+out, `anthropic_wire` the Anthropic Messages wire (in and out), `runtime` what a config builds, `app`
+the HTTP handlers, `bad_http` the fixed answer to malformed HTTP, `metrics` the Prometheus counters.
+Shared state across gateway processes is `dsrs.redis_state`.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from aiohttp import web
 
 from .. import budget
 from ..types import Completion, CostSource, LmUsage, StreamEnd
-from . import logs, replies, requests
+from . import anthropic_wire, bad_http, logs, replies, requests
 from .config import Config, KeyConfig
 from .metrics import Metrics
 from .runtime import Route, Runtime
@@ -50,8 +50,9 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 _UNLIMITED = 1 << 62  # the per-request tracking budget's limit: it only counts
 
 
-def _error(w: requests.WireError) -> web.Response:
-    resp = web.json_response(w.body(), status=w.status, headers=w.headers)
+def _error(w: requests.WireError, kind: str = "chat") -> web.Response:
+    status, body = anthropic_wire.error_body(w) if kind == "messages" else (w.status, w.body())
+    resp = web.json_response(body, status=status, headers=w.headers)
     if w.status == 408:
         resp.force_close()  # a body that stalls: do not wait for the rest of it
     return resp
@@ -66,8 +67,8 @@ async def _count(request: web.Request, handler: Callable[[web.Request], Any]) ->
         resp = await handler(request)
     except web.HTTPException as e:  # unknown paths, wrong methods: OpenAI-style bodies too
         kind = "not_found" if e.status == 404 else "invalid_request_error"
-        resp = web.json_response(requests.error_body(f"{request.method} {request.path[:200]}: {e.reason}", kind, None),
-                                 status=e.status)  # fmt: skip
+        w = requests.WireError(e.status, f"{request.method} {request.path[:200]}: {e.reason}", type=kind)
+        resp = _error(w, "messages" if request.path.startswith("/v1/messages") else "chat")  # Anthropic's shape there
         endpoint = "other"
     except asyncio.CancelledError:  # the client went away (handler_cancellation): 499, as nginx logs it
         m.inc("dsrs_gateway_requests_total", endpoint=endpoint, status=499)
@@ -100,9 +101,12 @@ async def _body(request: web.Request, limit: int, timeout_s: float) -> Any:
 
 
 def _auth(rt: Runtime, request: web.Request) -> KeyConfig:
-    key = rt.client(request.headers.get("Authorization"))
+    header = request.headers.get("Authorization")
+    if header is None and "x-api-key" in request.headers:  # the Anthropic SDK's header
+        header = "Bearer " + request.headers["x-api-key"]
+    key = rt.client(header)
     if key is None:
-        raise requests.WireError(401, "a valid client API key is required (Authorization: Bearer <key>)",
+        raise requests.WireError(401, "a valid client API key is required (Authorization: Bearer <key>, or x-api-key)",
                              code="invalid_api_key")  # fmt: skip
     return key
 
@@ -189,6 +193,9 @@ class Handlers:
     async def responses(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, requests.parse_responses, "responses")
 
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, anthropic_wire.parse, "messages")
+
     async def _serve(self, request: web.Request, parse: Callable[[Any], requests.Call], kind: str) -> web.StreamResponse:
         route = key = None
         # what this request books, when budgets are configured (without any, nothing is booked, and the
@@ -201,7 +208,7 @@ class Handlers:
                     return await self._stream(request, key, call, route, kind, track)
                 c = await route.target.acall(list(call.messages), **call.options)
         except requests.WireError as w:
-            return _error(w)
+            return _error(w, kind)
         except asyncio.CancelledError:  # the client left while the call ran: what it booked stays booked
             if key is not None and route is not None:
                 self._unsettled(request, key, route, _booked(track), "abandoned")
@@ -210,9 +217,12 @@ class Handlers:
             err = self._failed(route, e)
             if key is not None and route is not None and (track.spent_msats if track is not None else not budget.not_billed(e)):
                 self._unsettled(request, key, route, _booked(track), "error")
-            return _error(err)
+            return _error(err, kind)
         lane = self._done(request, key, route, c, track)
-        body = replies.chat_completion(c, call.model, replies.new_id("chatcmpl-"), lane) if kind == "chat" else replies.response(c, call.model, lane)
+        if kind == "messages":
+            body = anthropic_wire.message(c, call.model, lane)
+        else:
+            body = replies.chat_completion(c, call.model, replies.new_id("chatcmpl-"), lane) if kind == "chat" else replies.response(c, call.model, lane)
         return web.json_response(body, dumps=_dumps)
 
     async def _stream(self, request: web.Request, key: KeyConfig, call: requests.Call, route: Route, kind: str,
@@ -224,6 +234,8 @@ class Handlers:
             await agen.aclose()  # type: ignore[attr-defined]
             raise
         out: Any = replies.ChatStream(call.model, call.include_usage) if kind == "chat" else replies.ResponsesStream(call.model)
+        if kind == "messages":
+            out = anthropic_wire.MessagesStream(call.model)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         outcome = "abandoned"  # until the stream ends or fails
         try:
@@ -324,6 +336,7 @@ def make_app(cfg: Config, runtime: Runtime | None = None) -> web.Application:
     h = Handlers(rt, m)
     app.router.add_post("/v1/chat/completions", h.chat)
     app.router.add_post("/v1/responses", h.responses)
+    app.router.add_post("/v1/messages", h.messages)  # Anthropic Messages
     app.router.add_get("/v1/models", h.models)
     app.router.add_get("/v1/models/{id:.+}", h.model)
     app.router.add_get("/health", h.health)
@@ -411,9 +424,10 @@ class _Runner(web.AppRunner):
     @property
     def server(self) -> Any:
         inner = super().server
-        if inner is None or not self._cap:
+        if inner is None:
             return inner
-        return lambda: _PerClient(inner, self._open, self._cap)
+        make = bad_http.fixed_errors(inner)  # a malformed request's 400 does not echo its bytes
+        return make if not self._cap else lambda: _PerClient(make, self._open, self._cap)
 
 
 async def start(cfg: Config, host: str | None = None, port: int | None = None) -> web.AppRunner:

@@ -3,8 +3,8 @@
 The access line (logger `dsrs.gateway.access`) says method, endpoint, status, model, lane, client key
 *name*, tokens, msats and latency; never a key, a prompt or an answer. `bound()` puts a filter on the
 gateway's and aiohttp's server loggers: a record longer than `LIMIT` characters (message or
-traceback) is cut, and a malformed request (aiohttp's `HttpProcessingError`, whose text can carry
-the raw bytes the client sent) is one WARNING line without a traceback, not an ERROR.
+traceback) is cut, and a malformed request (aiohttp's `HttpProcessingError`, whose text quotes the
+raw bytes the client sent, maybe a key) is one WARNING line naming the error class, not an ERROR.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class Bounded(logging.Filter):
 
             if isinstance(exc, HttpProcessingError):  # the client's fault: no traceback, not an ERROR
                 record.levelno, record.levelname = logging.WARNING, "WARNING"
-                record.exc_info, record.exc_text = None, f"{type(exc).__name__}: {_cut(str(exc))}"
+                # its text quotes the bytes it could not parse, which may be a key's header: only the class
+                record.exc_info, record.exc_text = None, f"{type(exc).__name__} (the request's bytes are not logged)"
             else:
                 text = logging.Formatter().formatException(record.exc_info)  # type: ignore[arg-type]
                 if len(text) > LIMIT:
