@@ -202,7 +202,8 @@ async def test_expired_amountless_wrong_network_reasons(net: Net) -> None:
 async def test_stale_and_replayed_events(net: Net) -> None:
     async def script(fp: FakeProvider, job: Any) -> None:
         inv = fp.invoice(PRICE)
-        await fp.send(fp.feedback_event(job, "payment-required", amount=PRICE, invoice=inv, created_at=job.created_at - 3600))
+        stale = fp.feedback_event(job, "payment-required", amount=PRICE, invoice=inv, created_at=job.created_at - 3600)
+        await net.relay.inject(stale.to_json())  # past the subscription's `since` (a relay that ignores it)
 
     await _refused(net, script, "stale event")
 

@@ -121,7 +121,7 @@ def job_event(keys: Keys, req: Request, cfg: SwarmConfig) -> Event:
 async def run(cfg: SwarmConfig, req: Request) -> Completion:
     """Run one job on the swarm and return its result (usage: what was paid, tokens estimated).
     Every wait (relay, wallet, providers) ends by `cfg.timeout` after the call started."""
-    from ..nostr import Keys  # the pylon extra (a ConfigurationError naming it when missing)
+    from ..nostr import Keys, RelayError  # the pylon extra (a ConfigurationError naming it when missing)
     from . import pools
 
     started = time.monotonic()
@@ -129,20 +129,26 @@ async def run(cfg: SwarmConfig, req: Request) -> Completion:
     job = _Job(job_event(keys, req, cfg), keys, cfg, deadline=started + cfg.timeout)
     job.res = _book(cfg)  # a call the budget cannot cover fails here, before anything is published
     pool = pools.pool(cfg.relays)
-    sub = None
+    feed = pools.feed(cfg.relays, {"kinds": [FEEDBACK, RESULT]})  # one subscription for all in-flight jobs
     try:
-        try:
-            sub = await asyncio.wait_for(pool.subscribe([{"kinds": [FEEDBACK, RESULT], "#e": [job.ev.id]}]), job.left())
+        try:  # the relays take the REQ naming this job before it is published: nothing is missed
+            q = await feed.add(job.ev.id, job.left())
         except asyncio.TimeoutError:
             raise TimeoutError(f"the relays did not answer within {cfg.timeout}s; the job was not sent", provider="pylon",
                                hint="check the relay URLs, or raise the timeout") from None  # fmt: skip
+        except RelayError as e:
+            log.info("job %s not sent: %s", job.ev.id[:12], e.message)
+            raise type(e)(f"the relays refused the subscription for the job's answers; the job was not sent ({e.message})",
+                          provider="pylon", code=e.code, hint="try other relays") from None  # fmt: skip
         await pool.publish(job.ev, timeout=min(job.left(), 10.0))
         events = 0
         while True:
             try:
-                ev = await sub.next(job.left())
+                ev = await asyncio.wait_for(q.get(), job.left())
             except asyncio.TimeoutError:
                 raise _timeout(job) from None
+            if isinstance(ev, BaseException):
+                raise _lost(job, ev)
             events += 1
             if events > cfg.max_events:
                 raise SwarmJobError(f"job drew more than {cfg.max_events} events; giving up", provider="pylon")
@@ -156,8 +162,7 @@ async def run(cfg: SwarmConfig, req: Request) -> Completion:
     finally:
         if job.res is not None and not job.unknown:
             job.res.release()  # nothing paid (a payment settled it already)
-        if sub is not None:
-            await sub.close()
+        feed.remove(job.ev.id)
     await _cancel(pool, job)
     return done
 
@@ -186,12 +191,23 @@ async def _cancel(pool: Any, job: _Job) -> None:
         pass
 
 
+def _lost(job: _Job, e: BaseException) -> Exception:
+    """The relays closed the subscription the job's answers come on, and it could not be reopened."""
+    why = getattr(e, "message", None) or type(e).__name__
+    if job.paid_to:  # paid and cut off: do not retry (that would pay again)
+        return SwarmJobError(f"paid, then lost the relays' subscription before the result ({why})", provider="pylon",
+                             code="paid_no_result", hint=f"paid {job.paid_msats} msats to {job.paid_to[:12]}...")  # fmt: skip
+    return SwarmJobError(f"the relays closed the subscription for the job's answers ({why}); nothing was paid",
+                         provider="pylon", code="subscription_lost", hint="try other relays")  # fmt: skip
+
+
 def _timeout(job: _Job) -> Exception:
     why = "; ".join(job.refusals) if job.refusals else "no provider answered"
     msg = f"no result within {job.cfg.timeout}s ({why})"
     if job.paid_to:  # paid and not delivered: do not retry (that would pay again)
         return SwarmJobError(msg, provider="pylon", code="paid_no_result",
-                             hint=f"paid {job.paid_msats} msats to {job.paid_to[:12]}...")  # fmt: skip
+                             hint=f"paid {job.paid_msats} msats to {job.paid_to[:12]}...; the provider may have failed,"
+                                  " or its result was refused by the relays (e.g. over their event size limit)")  # fmt: skip
     return TimeoutError(msg, provider="pylon", hint="raise the bid or the timeout, or try other relays")
 
 
