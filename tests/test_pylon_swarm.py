@@ -87,6 +87,10 @@ async def test_paid_job_round_trip(net: Net) -> None:
     kinds = [(m[0], m[1]["kind"] if m[0] == "EVENT" else None) for m in net.relay.received]
     req_at = next(i for i, m in enumerate(net.relay.received) if m[0] == "REQ" and m[2].get("#e") == [job["id"]])
     assert req_at < kinds.index(("EVENT", 5050))
+    for _ in range(500):  # the deletion is sent after the call returns
+        if net.relay.published(5):
+            break
+        await asyncio.sleep(0.01)
     deletion = net.relay.published(5)[0]
     assert ["e", job["id"]] in deletion["tags"] and deletion["pubkey"] == job["pubkey"]
     # NIP-47 went out encrypted with NIP-44 v2 (the service offers it)

@@ -163,7 +163,7 @@ async def run(cfg: SwarmConfig, req: Request) -> Completion:
         if job.res is not None and not job.unknown:
             job.res.release()  # nothing paid (a payment settled it already)
         feed.remove(job.ev.id)
-    await _cancel(pool, job)
+    _spawn(_cancel(pool, job))  # best effort, off the caller's time
     return done
 
 
@@ -179,6 +179,15 @@ def _book(cfg: SwarmConfig) -> Reservation | None:
         e.hint = "raise the budget, or lower the bid (with_bid_msats) or the fee cap (with_fee_cap_msats)"
         e.args = (str(e),)
         raise
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _spawn(coro: Any) -> None:
+    t = asyncio.ensure_future(coro)
+    _background.add(t)
+    t.add_done_callback(_background.discard)
 
 
 async def _cancel(pool: Any, job: _Job) -> None:
