@@ -355,3 +355,18 @@ async def test_an_ok_without_the_event_id_is_read_as_that_events_refusal(relay: 
         assert refused.value.event_sent is False
     finally:
         await client.close()
+
+
+async def test_a_subscription_refused_when_resent_after_a_reconnect_fails_its_reader(relay: TestRelay) -> None:
+    from dsrs.nostr import SubscriptionRefused
+
+    client = Relay(relay.url)
+    try:
+        sub = await client.subscribe([{"kinds": [1]}])
+        relay.max_subs, relay.notice_refusals = 0, True
+        await relay.drop_clients()  # the client reconnects and sends the REQ again: a NOTICE answers it
+        with pytest.raises(SubscriptionRefused) as refused:
+            await sub.next(30)
+        assert refused.value.code == "notice"
+    finally:
+        await client.close()

@@ -190,8 +190,18 @@ class Relay:
         self._authed.clear()
         self._unacked.clear()
         self._connected.set()
-        for sub in list(self._subs.values()):  # re-sent; a refusal now fails the subscription
+        for sub in list(self._subs.values()):  # re-sent; a refusal now (CLOSED, NOTICE) fails the subscription
+            if sub._ack is None:
+                sub._ack, sub._ack_on_event = asyncio.get_running_loop().create_future(), True
+                sub._ack.add_done_callback(lambda f, sub=sub: self._resent(sub, f))
             await self._send(["REQ", sub.id, *sub.filters])
+
+    def _resent(self, sub: Subscription, f: asyncio.Future[None]) -> None:
+        if sub._ack is f:
+            sub._ack = None
+        err = None if f.cancelled() else f.exception()
+        if isinstance(err, SubscriptionRefused):
+            sub._fail(err)
 
     async def _run(self) -> None:
         delay = 0.05
@@ -382,6 +392,8 @@ class Relay:
                 self._oks[ev.id] = fut
                 try:
                     self._unacked.append(ev.id)
+                    if len(self._unacked) > 1000:  # OKs that never came
+                        self._unacked.popleft()
                     await self._send_text(text)
                     ok, msg = await asyncio.wait_for(fut, timeout)
                 except asyncio.TimeoutError:
@@ -433,21 +445,23 @@ class Relay:
     async def _req(self, sub: Subscription, timeout: float | None, *, new: bool) -> None:
         text = json.dumps(["REQ", sub.id, *sub.filters], ensure_ascii=False)
         self._check_req(sub.filters, text)
-        sub._ack, sub._ack_on_event = asyncio.get_running_loop().create_future(), new
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        sub._ack, sub._ack_on_event = ack, new
         self._subs[sub.id] = sub
         wait = self.open_timeout if timeout is None else timeout
         try:
             await self._send_text(text)
-            await asyncio.wait_for(asyncio.shield(sub._ack), wait)
+            await asyncio.wait_for(asyncio.shield(ack), wait)
         except asyncio.TimeoutError:
             self._drop(sub)
             raise TimeoutError(f"relay {self.url} did not answer a subscription within {wait:g}s", provider="nostr") from None
         except BaseException:
-            if not sub._ack.done() or not isinstance(sub._ack.exception(), SubscriptionRefused):
+            if not ack.done() or ack.cancelled() or not isinstance(ack.exception(), SubscriptionRefused):
                 self._drop(sub)  # cancelled, or the connection went: not left half-open
             raise
         finally:
-            sub._ack = None
+            if sub._ack is ack:
+                sub._ack = None
 
     def _drop(self, sub: Subscription) -> None:
         if self._subs.pop(sub.id, None) is not None and self._connected.is_set():
