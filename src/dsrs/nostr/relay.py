@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -193,7 +194,7 @@ class Relay:
         for sub in list(self._subs.values()):  # re-sent; a refusal now (CLOSED, NOTICE) fails the subscription
             if sub._ack is None:
                 sub._ack, sub._ack_on_event = asyncio.get_running_loop().create_future(), True
-                sub._ack.add_done_callback(lambda f, sub=sub: self._resent(sub, f))
+                sub._ack.add_done_callback(functools.partial(self._resent, sub))
             await self._send(["REQ", sub.id, *sub.filters])
 
     def _resent(self, sub: Subscription, f: asyncio.Future[None]) -> None:

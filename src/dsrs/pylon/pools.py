@@ -26,7 +26,7 @@ def pool(urls: list[str] | tuple[str, ...], keys: Keys | None = None) -> RelayPo
     p = per.get(key)
     if p is None:
         p = per[key] = RelayPool(list(urls), keys)
-    return p  # type: ignore[no-any-return]
+    return p
 
 
 def feed(urls: list[str] | tuple[str, ...], base: dict[str, Any], *, by: str = "e", dynamic: bool = True) -> Feed:
@@ -37,7 +37,7 @@ def feed(urls: list[str] | tuple[str, ...], base: dict[str, Any], *, by: str = "
     f = per.get(key)
     if f is None:
         f = per[key] = Feed(pool(urls), base, by=by, dynamic=dynamic)
-    return f  # type: ignore[no-any-return]
+    return f
 
 
 class Feed:

@@ -273,7 +273,7 @@ async def _handle(job: _Job, ev: Event) -> Completion | None:
     usage = LmUsage(pt, ct, pt + ct, cost_msats=job.paid_msats,
                     cost_source=CostSource.INVOICE if job.paid_to else CostSource.FREE, estimated=True, calls=1)  # fmt: skip
     model = next((t[2] for t in job.ev.tags if t[:2] == ["param", "model"] and len(t) > 2), "")
-    raw = {"result": ev.id, "provider": who, "job": job.ev.id}
+    raw: dict[str, Any] = {"result": ev.id, "provider": who, "job": job.ev.id}
     if job.fees_over_cap:
         raw["fees_over_cap"] = True
     return Completion(ev.content, usage, model=model, provider="pylon", id=job.ev.id, raw=raw)
@@ -295,7 +295,7 @@ async def _quote(job: _Job, ev: Event) -> None:
         return job.refuse(who, "payment-required without a valid amount")
     if amount > cfg.bid_msats:
         return job.refuse(who, f"asks {amount} msats, over the bid of {cfg.bid_msats}")
-    text = amt[2] if amt and len(amt) > 2 else ""  # type: ignore[index]
+    text = amt[2] if amt and len(amt) > 2 else ""
     if not text:
         return job.refuse(who, "payment-required without an invoice")
     try:
@@ -398,7 +398,7 @@ async def _resolve(wallet: Any, payment_hash: str, job: _Job, fees_if_unsaid: in
             return None
     except ValueError:
         return None
-    fees = r.get("fees_paid")  # type: ignore[union-attr]
+    fees = r.get("fees_paid")
     fees = fees if isinstance(fees, int) and not isinstance(fees, bool) and fees >= 0 else fees_if_unsaid
     return Payment(pre, fees)
 
