@@ -488,8 +488,14 @@ class Relay:
                 await self._reader
         self._connected.clear()
         for sub in list(self._subs.values()):
-            sub._fail(SubscriptionRefused(f"relay client for {self.url} closed", provider="nostr", code="closed"))
+            err = SubscriptionRefused(f"relay client for {self.url} closed", provider="nostr", code="closed")
+            if sub._ack is not None and not sub._ack.done():
+                sub._ack.set_exception(err)
+            sub._fail(err)
         self._subs.clear()
+        for fut in self._oks.values():
+            if not fut.done():
+                fut.set_exception(RelayError(f"relay client for {self.url} closed", provider="nostr"))
 
 
 class _Part(Subscription):

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs, urlparse
@@ -66,6 +67,7 @@ class NwcWallet:
         self._keys = Keys(q["secret"][0])
         self.timeout = timeout
         self._encryption: str | None = None
+        self._info_query: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[str]] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"NwcWallet(wallet={self.wallet_pubkey[:12]}..., relays={list(self.relays)})"
@@ -80,8 +82,13 @@ class NwcWallet:
         NOT_SENT (no request has been sent yet)."""
         if self._encryption is None:
             timeout = self.timeout if timeout is None else timeout
+            loop = asyncio.get_running_loop()
+            query = self._info_query.get(loop)
+            if query is None or query.done():  # one query at a time: concurrent calls share it
+                query = self._info_query[loop] = asyncio.ensure_future(self._info())
+                query.add_done_callback(lambda f: None if f.cancelled() else f.exception())
             try:
-                mode = await asyncio.wait_for(self._info(), max(0.0, timeout))
+                mode = await asyncio.wait_for(asyncio.shield(query), max(0.0, timeout))
             except (asyncio.TimeoutError, builtins.TimeoutError, APIConnectionError):
                 log.info("the wallet's relay did not answer the info query (kind 13194) within %gs", timeout)
                 raise PaymentError(f"the wallet's relay did not answer the wallet info query within {timeout:g}s; nothing was sent",
@@ -94,7 +101,7 @@ class NwcWallet:
         sub = await p.subscribe([{"kinds": [INFO], "authors": [self.wallet_pubkey], "limit": 1}])
         mode = "nip04"
         try:
-            await sub.eose.wait()  # stored events come before EOSE on the same connection
+            await asyncio.wait_for(sub.eose.wait(), self.timeout)  # stored events come before EOSE on the same connection
             while not sub.queue.empty():
                 ev = sub.queue.get_nowait()
                 if ev is None:  # the relay closed it
