@@ -290,3 +290,46 @@ async def test_a_relay_that_closes_the_jobs_subscription_after_payment(net: Net)
     assert time.monotonic() - t < 30
     b = lm.options["swarm_budget"]
     assert net.paid() == 2 * PRICE and b.spent_msats == PRICE and (b.reserved_msats, b.open_reservations) == (0, 0)
+
+
+async def test_the_wallets_answers_subscription_closed_mid_payment_stays_booked_and_is_paid_once(net: Net) -> None:
+    """The wallet pays but its answer cannot reach us: the relay CLOSEs the subscription for the
+    wallet's answers as the pay request arrives and refuses a new one. The call ends well before its
+    timeout with PaymentUnknownError, the booking kept (bid + fee cap), the job never paid again."""
+    net.service.mute_payments = True  # pays; its answer would have been lost anyway
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if ev["kind"] == 23194:
+            net.relay.max_subs = 0
+            asyncio.ensure_future(net.relay.close_subs({23195}, "error: shutting down"))
+
+    net.relay.on_event.append(on_event)
+    lm = client(net, NwcWallet(net.service.uri(net.customer), timeout=30), timeout=60.0)
+    t = time.monotonic()
+    out, _ = await call(net, lm, two_quotes)
+    assert isinstance(out, PaymentUnknownError) and out.spent_unknown, out
+    assert time.monotonic() - t < 30  # not the wallet's 30 s nor the call's 60 s
+    b: Budget = lm.options["swarm_budget"]
+    assert (b.spent_msats, b.reserved_msats, b.open_reservations) == (0, lm.worst_case_msats(lm.request("x")), 1)
+    assert net.paid() == PRICE and len([r for r in net.service.requests if r["method"] == "pay_invoice"]) == 1
+    out.reservation.settle(PRICE)
+    assert (b.spent_msats, b.reserved_msats) == (PRICE, 0)
+
+
+async def test_a_job_over_the_relays_published_size_limit_is_refused_before_sending(net: Net) -> None:
+    from dsrs.nostr import EventTooLargeError, nip11
+
+    net.relay.limitation = {"max_message_length": 3000, "max_content_length": 1000}
+    nip11._cache.pop(net.relay.url, None)
+    lm = client(net, timeout=60.0)
+    fp = await FakeProvider(net, honest).start()
+    try:
+        with pytest.raises(EventTooLargeError, match="relay .* takes messages of at most 3000") as big:
+            await lm.acall("x" * 5000)
+        assert big.value.event_sent is False and big.value.spent_msats == 0
+        out = await lm.acall("What is 2+2?")  # a job within the limits goes
+    finally:
+        await fp.stop()
+    assert out.text == "ok" and len(net.relay.published(5050)) == 1
+    b: Budget = lm.options["swarm_budget"]
+    assert net.paid() == PRICE == b.spent_msats and (b.reserved_msats, b.open_reservations) == (0, 0)

@@ -293,7 +293,7 @@ class Relay:
     def _ok(self, eid: str, ok: bool, msg: str) -> None:
         if eid in self._unacked:
             self._unacked.remove(eid)
-        elif self._unacked and not ok:
+        elif not eid and self._unacked and not ok:
             # An OK naming no event we sent (nostr-relay answers a refused event with an empty id). The
             # relay answers in order; it is that event's only when one was waiting (no ambiguity).
             if len(self._unacked) == 1:
