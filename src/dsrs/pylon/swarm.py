@@ -1,8 +1,10 @@
 """The swarm client: one NIP-90 job (kind 5050) per request, paid over the wallet, checked throughout.
 
 Flow: book the bid + fee cap on the LM's budget (a call that cannot fit fails at once with
-BudgetExceededError, nothing published), sign the job, subscribe to its feedback (7000) and
-results (6050), publish, then read events until the first valid result. Each event must be
+BudgetExceededError, nothing published), sign the job, add its id to the loop's one shared
+subscription for feedback (7000) and results (6050) (pools.Feed: the relays take the new REQ
+before the job is published; a refusal fails the call at once, nothing sent), publish, then read
+the events routed to it until the first valid result. Each event must be
 correctly signed (the relay client drops others), reference our job in its first `e` tag and our
 key in its `p` tag, and be fresh. A `payment-required` quote is paid only when its amount is
 within the bid, its invoice is valid, unexpired, on our network and for exactly that amount, and
@@ -149,6 +151,8 @@ async def run(cfg: SwarmConfig, req: Request) -> Completion:
                 raise _timeout(job) from None
             if isinstance(ev, BaseException):
                 raise _lost(job, ev)
+            if ev.id in job.seen:
+                continue  # sent again (a replacing REQ asks for recent stored events)
             events += 1
             if events > cfg.max_events:
                 raise SwarmJobError(f"job drew more than {cfg.max_events} events; giving up", provider="pylon")
