@@ -235,3 +235,21 @@ async def test_a_result_over_the_stock_relays_size_limit(stock_net: Net) -> None
         assert e.code == code and e.spent_msats == PRICE, e
         assert net.paid() - paid_before == PRICE == b.spent_msats and (b.reserved_msats, b.open_reservations) == (0, 0)
     assert len(refusals) == 2 and all("280 characters" in m for m in refusals)
+
+
+async def test_a_stock_relay_allowing_one_subscription_per_connection(tmp_path: Path) -> None:
+    """nostr-relay with `subscription_limit: 1` (the stock 32, lowered so one paid job meets it): the
+    jobs' subscription, the wallet info query and the wallet's answers need three; each REQ refused
+    by a NOTICE moves to another connection, and the job is paid once."""
+    net = await start_stock_net(tmp_path / "stock-relay", subscription_limit=1)
+    fp = await FakeProvider(net, honest).start()
+    lm = client(net)
+    try:
+        out = await lm.acall("What is 2+2?")
+        conns = pools.pool((net.relay.url,)).conns[net.relay.url]
+    finally:
+        await stop_stock_net(net, fp)
+    assert out.text == "ok" and out.usage.cost_msats == PRICE
+    b: Budget = lm.options["swarm_budget"]
+    assert net.paid() == PRICE == b.spent_msats and (b.reserved_msats, b.open_reservations) == (0, 0)
+    assert len(conns) >= 2 and any("too many subscriptions" in n for c in conns for n in c.notices)
