@@ -190,6 +190,7 @@ async def test_the_stock_relays_33rd_subscription_is_refused_at_once_and_a_pool_
 
 
 async def test_an_event_over_the_stock_relays_size_limit_is_refused_at_once(stock_net: Net) -> None:
+    """At once: the relay's answer (nostr-relay then throttles that connection, 2 s per message)."""
     r = Relay(stock_net.relay.url)
     try:
         with pytest.raises(RelayError) as refused:  # its OK names no event: one was waiting, so it is that one's

@@ -72,7 +72,7 @@ class Feed:
         self._wanted += 1
         want = self._wanted
         try:
-            await asyncio.wait_for(self._sync(want), timeout)
+            await asyncio.wait_for(self._sync(want, timeout), timeout)
         except BaseException:
             self.waiters.pop(value, None)
             raise
@@ -82,7 +82,7 @@ class Feed:
         """Forget `value` (the next REQ leaves it out; its late events are dropped)."""
         self.waiters.pop(value, None)
 
-    async def _sync(self, want: int) -> None:
+    async def _sync(self, want: int, timeout: float) -> None:
         async with self._lock:
             if self.sub is not None and self.sub.error is None and (self._covered >= want or not self.dynamic):
                 return  # a REQ sent while this one waited covers it
@@ -90,10 +90,10 @@ class Feed:
             filters = self._filters()
             self.reqs += 1
             if self.sub is None or self.sub.error is not None:
-                self.sub = await self.pool.subscribe(filters)
+                self.sub = await self.pool.subscribe(filters, timeout=timeout)
                 self._start_reader(self.sub)
             else:
-                await self.pool.update(self.sub, filters)
+                await self.pool.update(self.sub, filters, timeout=timeout)
             self._covered = upto
 
     def _start_reader(self, sub: Subscription) -> None:
