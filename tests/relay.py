@@ -13,7 +13,8 @@ Limits, as stock relays have them: `max_subs` subscriptions per connection, the 
 with `CLOSED "error: too many subscriptions"`, or with a bare NOTICE when `notice_refusals` (as
 PyPI's nostr-relay does); `max_content` characters of content per event (OK false).
 `limitation` is published as the NIP-11 document's `limitation` (GET with `Accept:
-application/nostr+json` on the relay's URL); `info_gets` counts those requests.
+application/nostr+json` on the relay's URL); `info_gets` counts those requests, `info_delay`
+holds their answer.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class TestRelay:
         self.max_content: int | None = None
         self.limitation: dict[str, Any] | None = None
         self.info_gets = 0
+        self.info_delay = 0.0
 
     async def start(self) -> str:
         self._server = await serve(self._handler, "127.0.0.1", 0, max_size=8 * 1024 * 1024, compression=None,
@@ -86,11 +88,13 @@ class TestRelay:
     def published(self, kind: int | None = None) -> list[dict[str, Any]]:
         return [m[1] for m in self.received if m and m[0] == "EVENT" and (kind is None or m[1].get("kind") == kind)]
 
-    def _http(self, conn: ServerConnection, req: Request) -> Response | None:
-        """NIP-11: a GET asking for application/nostr+json gets the relay information document."""
+    async def _http(self, conn: ServerConnection, req: Request) -> Response | None:
+        """NIP-11: a GET asking for application/nostr+json gets the relay information document
+        (after `info_delay` seconds: a relay whose HTTP side hangs)."""
         if "application/nostr+json" not in req.headers.get("Accept", ""):
             return None
         self.info_gets += 1
+        await asyncio.sleep(self.info_delay)
         doc: dict[str, Any] = {"name": "dsrs test relay", "supported_nips": [1, 11, 42]}
         if self.limitation is not None:
             doc["limitation"] = self.limitation

@@ -370,3 +370,19 @@ async def test_a_subscription_refused_when_resent_after_a_reconnect_fails_its_re
         assert refused.value.code == "notice"
     finally:
         await client.close()
+
+
+async def test_a_relay_whose_nip11_document_never_comes_is_used_without_limits() -> None:
+    from dsrs.nostr import nip11
+
+    r = TestRelay()
+    r.info_delay, r.limitation = 3600.0, {"max_content_length": 1}
+    await r.start()
+    nip11._cache.pop(r.url, None)
+    client = Relay(r.url, open_timeout=1.0)  # the document is waited for min(open_timeout, 3 s)
+    try:
+        await client.publish(sign(Keys.generate(), 1, "longer than one character"), timeout=30)
+        assert r.info_gets == 1 and client.limits == nip11.Limits()
+    finally:
+        await client.close()
+        await r.stop()
