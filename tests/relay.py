@@ -8,6 +8,13 @@ can assert what was (or was not) sent. Hostile helpers forward what real relays 
 (sets of event kinds): `drop_ok` takes and forwards such events but never sends their OK,
 `refuse` answers OK false and forwards nothing, `silent_req` never answers a REQ asking for
 them (no stored events, no EOSE).
+
+Limits, as stock relays have them: `max_subs` subscriptions per connection, the next REQ refused
+with `CLOSED "error: too many subscriptions"`, or with a bare NOTICE when `notice_refusals` (as
+PyPI's nostr-relay does); `max_content` characters of content per event (OK false).
+`limitation` is published as the NIP-11 document's `limitation` (GET with `Accept:
+application/nostr+json` on the relay's URL); `info_gets` counts those requests, `info_delay`
+holds their answer.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import secrets
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 
 from dsrs.nostr.event import verify_json
 
@@ -57,9 +66,16 @@ class TestRelay:
         self.drop_ok: set[int] = set()
         self.refuse: set[int] = set()
         self.silent_req: set[int] = set()
+        self.max_subs: int | None = None
+        self.notice_refusals = False
+        self.max_content: int | None = None
+        self.limitation: dict[str, Any] | None = None
+        self.info_gets = 0
+        self.info_delay = 0.0
 
     async def start(self) -> str:
-        self._server = await serve(self._handler, "127.0.0.1", 0, max_size=8 * 1024 * 1024, compression=None)
+        self._server = await serve(self._handler, "127.0.0.1", 0, max_size=8 * 1024 * 1024, compression=None,
+                                   process_request=self._http)  # fmt: skip
         port = self._server.sockets[0].getsockname()[1]
         self.url = f"ws://127.0.0.1:{port}"
         return self.url
@@ -72,6 +88,24 @@ class TestRelay:
     def published(self, kind: int | None = None) -> list[dict[str, Any]]:
         return [m[1] for m in self.received if m and m[0] == "EVENT" and (kind is None or m[1].get("kind") == kind)]
 
+    async def _http(self, conn: ServerConnection, req: Request) -> Response | None:
+        """NIP-11: a GET asking for application/nostr+json gets the relay information document
+        (after `info_delay` seconds: a relay whose HTTP side hangs)."""
+        if "application/nostr+json" not in req.headers.get("Accept", ""):
+            return None
+        self.info_gets += 1
+        await asyncio.sleep(self.info_delay)
+        doc: dict[str, Any] = {"name": "dsrs test relay", "supported_nips": [1, 11, 42]}
+        if self.limitation is not None:
+            doc["limitation"] = self.limitation
+        body = json.dumps(doc).encode()
+        headers = Headers([("Content-Type", "application/nostr+json"), ("Content-Length", str(len(body)))])
+        return Response(200, "OK", headers, body)
+
+    def subscriptions(self) -> list[int]:
+        """Open subscriptions per connected client."""
+        return [len(st["subs"]) for st in self.clients.values()]
+
     # -- hostile helpers ----------------------------------------------------------------------
     async def inject(self, ev: dict[str, Any]) -> None:
         """Send `ev` to every open subscription, whatever its filters and signature."""
@@ -79,6 +113,18 @@ class TestRelay:
             for sub in list(st["subs"]):
                 with contextlib.suppress(Exception):
                     await ws.send(json.dumps(["EVENT", sub, ev]))
+
+    async def close_subs(self, kinds: set[int], reason: str = "error: shutting down") -> int:
+        """CLOSED (NIP-01) every open subscription whose filters ask for any of `kinds`; how many."""
+        n = 0
+        for ws, st in list(self.clients.items()):
+            for sub, filters in list(st["subs"].items()):
+                if any(set(f.get("kinds", ())) & kinds for f in filters if isinstance(f, dict)):
+                    st["subs"].pop(sub, None)
+                    n += 1
+                    with contextlib.suppress(Exception):
+                        await ws.send(json.dumps(["CLOSED", sub, reason]))
+        return n
 
     async def drop_clients(self) -> None:
         """Close every client connection (clients must reconnect and resubscribe)."""
@@ -124,6 +170,9 @@ class TestRelay:
             if self.verify and verify_json(ev) is None:
                 await ws.send(json.dumps(["OK", eid, False, "invalid: bad id or signature"]))
                 return
+            if self.max_content is not None and len(str(ev.get("content", ""))) > self.max_content:
+                await ws.send(json.dumps(["OK", eid, False, f"invalid: content over {self.max_content} characters"]))
+                return
             if ev.get("kind") in self.refuse:
                 await ws.send(json.dumps(["OK", eid, False, "blocked: not on this relay"]))
                 return
@@ -146,6 +195,11 @@ class TestRelay:
                 await ws.send(json.dumps(["CLOSED", sub, "auth-required: authenticate first"]))
                 return
             if any(set(f.get("kinds", ())) & self.silent_req for f in filters if isinstance(f, dict)):
+                return
+            if self.max_subs is not None and sub not in st["subs"] and len(st["subs"]) >= self.max_subs:
+                refusal = ["NOTICE", "rejected: too many subscriptions"] if self.notice_refusals else \
+                    ["CLOSED", sub, "error: too many subscriptions"]  # fmt: skip
+                await ws.send(json.dumps(refusal))
                 return
             st["subs"][sub] = filters
             for ev in self.events:

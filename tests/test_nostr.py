@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -248,3 +249,140 @@ async def test_pool_of_two_relays_dedupes_and_survives_a_dead_one(relay: TestRel
         await second.stop()
     with pytest.raises(RelayError):
         await RelayPool(["ws://127.0.0.1:9"]).publish(sign(Keys.generate(), 1, "nobody there"))
+
+
+# -- refusals and limits (NIP-01 CLOSED / NOTICE, NIP-11 limitation) ------------------------------
+@pytest.mark.parametrize("notice", [False, True], ids=["closed", "notice"])
+async def test_a_refused_subscription_is_a_typed_error_and_the_pool_opens_another_connection(notice: bool) -> None:
+    from dsrs.nostr import SubscriptionRefused
+
+    r = TestRelay()
+    r.max_subs, r.notice_refusals = 2, notice
+    await r.start()
+    k = Keys.generate()
+    one = Relay(r.url)
+    pool = RelayPool([r.url])
+    try:
+        await one.subscribe([{"kinds": [1]}])
+        await one.subscribe([{"kinds": [2]}])
+        with pytest.raises(SubscriptionRefused) as refused:  # never waited out: the relay's answer is the refusal
+            await one.subscribe([{"kinds": [3]}], timeout=30)
+        assert refused.value.code == ("notice" if notice else "error") and refused.value.full
+        assert one.full() and one.max_subs == 2
+        subs = [await pool.subscribe([{"kinds": [1], "authors": [k.pubkey]}], timeout=30) for _ in range(5)]
+        assert len(pool.conns[r.url]) == 3 and sorted(r.subscriptions()) == [1, 2, 2, 2]  # 2 + 2 + 1 (+ `one`)
+        ev = sign(k, 1, "to every subscription")
+        await pool.publish(ev)
+        for s in subs:
+            assert (await s.next(5)).id == ev.id
+        # refused on a connection that holds nothing: the relay means it, no other connection is tried
+        r.max_subs = 0
+        lone = RelayPool([r.url])
+        with pytest.raises(SubscriptionRefused) as flat:
+            await lone.subscribe([{"kinds": [1]}], timeout=30)
+        assert not flat.value.full and len(lone.conns[r.url]) == 1
+        await lone.close()
+    finally:
+        await one.close()
+        await pool.close()
+        await r.stop()
+
+
+async def test_a_subscription_the_relay_closes_later_raises_in_its_reader(relay: TestRelay) -> None:
+    from dsrs.nostr import SubscriptionRefused
+
+    client = Relay(relay.url)
+    try:
+        sub = await client.subscribe([{"kinds": [1]}])
+        reader = asyncio.ensure_future(sub.next(30))
+        await asyncio.sleep(0.05)
+        assert await relay.close_subs({1}, "rate-limited: slow down") == 1
+        with pytest.raises(SubscriptionRefused) as closed:
+            await reader
+        assert closed.value.code == "rate-limited"
+        with pytest.raises(SubscriptionRefused):  # and again: the error stays
+            await sub.next(1)
+    finally:
+        await client.close()
+
+
+async def test_nip11_limits_are_read_once_and_respected_before_sending() -> None:
+    from dsrs.nostr import EventTooLargeError, nip11
+
+    r = TestRelay()
+    r.limitation = {"max_subscriptions": 2, "max_content_length": 10, "max_message_length": 2000, "max_filters": 2}
+    await r.start()
+    nip11._cache.pop(r.url, None)
+    pool = RelayPool([r.url])
+    k = Keys.generate()
+    try:
+        subs = [await pool.subscribe([{"kinds": [1]}]) for _ in range(5)]
+        assert len(pool.conns[r.url]) == 3 and sorted(r.subscriptions()) == [1, 2, 2]  # no REQ over the limit sent
+        assert r.info_gets == 1  # once per relay URL, whatever the connections
+        n = len(r.received)
+        with pytest.raises(EventTooLargeError, match="content has 11 characters") as big:
+            await pool.publish(sign(k, 1, "x" * 11))
+        assert big.value.event_sent is False
+        with pytest.raises(EventTooLargeError, match="bytes"):
+            await pool.publish(sign(k, 1, "ok", [["t", "y" * 2000]]))
+        with pytest.raises(RelayError, match="3 filters"):
+            await pool.subscribe([{"kinds": [1]}, {"kinds": [2]}, {"kinds": [3]}])
+        assert len(r.received) == n  # nothing was sent
+        await pool.publish(sign(k, 1, "x" * 10))
+        assert [(await s.next(5)).content for s in subs] == ["x" * 10] * 5
+    finally:
+        await pool.close()
+        await r.stop()
+
+
+async def test_an_ok_without_the_event_id_is_read_as_that_events_refusal(relay: TestRelay) -> None:
+    """PyPI nostr-relay answers a refused event with ["OK", "", false, reason]: with one event awaiting
+    its OK, the refusal is that event's (and it was not taken)."""
+    relay.max_content = 5
+    relay_send = relay._message
+
+    async def blank_ids(ws: Any, st: Any, msg: list[Any]) -> None:
+        if msg and msg[0] == "EVENT" and len(str(msg[1].get("content", ""))) > 5:
+            await ws.send(json.dumps(["OK", "", False, "invalid: too long"]))
+            return
+        await relay_send(ws, st, msg)
+
+    relay._message = blank_ids  # type: ignore[method-assign]
+    client = Relay(relay.url)
+    try:
+        with pytest.raises(RelayError, match="too long") as refused:
+            await client.publish(sign(Keys.generate(), 1, "much too long"), timeout=30)
+        assert refused.value.event_sent is False
+    finally:
+        await client.close()
+
+
+async def test_a_subscription_refused_when_resent_after_a_reconnect_fails_its_reader(relay: TestRelay) -> None:
+    from dsrs.nostr import SubscriptionRefused
+
+    client = Relay(relay.url)
+    try:
+        sub = await client.subscribe([{"kinds": [1]}])
+        relay.max_subs, relay.notice_refusals = 0, True
+        await relay.drop_clients()  # the client reconnects and sends the REQ again: a NOTICE answers it
+        with pytest.raises(SubscriptionRefused) as refused:
+            await sub.next(30)
+        assert refused.value.code == "notice"
+    finally:
+        await client.close()
+
+
+async def test_a_relay_whose_nip11_document_never_comes_is_used_without_limits() -> None:
+    from dsrs.nostr import nip11
+
+    r = TestRelay()
+    r.info_delay, r.limitation = 3600.0, {"max_content_length": 1}
+    await r.start()
+    nip11._cache.pop(r.url, None)
+    client = Relay(r.url, open_timeout=1.0)  # the document is waited for min(open_timeout, 3 s)
+    try:
+        await client.publish(sign(Keys.generate(), 1, "longer than one character"), timeout=30)
+        assert r.info_gets == 1 and client.limits == nip11.Limits()
+    finally:
+        await client.close()
+        await r.stop()

@@ -208,3 +208,128 @@ async def test_concurrent_calls_the_budget_cannot_fit_fail_fast(net: Net) -> Non
     b: Budget = lm.options["swarm_budget"]
     assert net.paid() == b.spent_msats == len(ok) * PRICE and (b.reserved_msats, b.open_reservations) == (0, 0)
     assert len(net.relay.published(5050)) == len(ok)  # a refused call published nothing
+
+
+# -- relays that limit subscriptions: refusals by NOTICE or CLOSED, read and acted on ----------------
+async def test_a_relay_that_refuses_subscriptions_by_notice_pays_once_on_more_connections(net: Net) -> None:
+    """One subscription per connection, the next REQ answered by a NOTICE (as nostr-relay does), and
+    the pay request's OK dropped: the job's answers, the wallet's info and its answers each get a
+    connection of their own, the job is paid once, the booking is what the wallet paid."""
+    from dsrs.pylon import pools
+
+    net.relay.max_subs, net.relay.notice_refusals = 1, True
+    net.relay.drop_ok = {23194}
+    lm = client(net)
+    out, _ = await call(net, lm, two_quotes)
+    assert isinstance(out, Completion) and out.text == "4", out
+    b: Budget = lm.options["swarm_budget"]
+    assert net.paid() == PRICE == out.usage.cost_msats == b.spent_msats and (b.reserved_msats, b.open_reservations) == (0, 0)
+    assert len([r for r in net.service.requests if r["method"] == "pay_invoice"]) == 1
+    conns = pools.pool((net.relay.url,)).conns[net.relay.url]
+    assert len(conns) >= 2 and any(c.notices for c in conns) and max(net.relay.subscriptions()) == 1
+
+
+async def test_a_relay_that_refuses_every_subscription_fails_the_call_at_once_with_nothing_sent(net: Net) -> None:
+    from dsrs.nostr import SubscriptionRefused
+
+    fp = await FakeProvider(net, honest).start()
+    for notice in (True, False):
+        net.relay.max_subs, net.relay.notice_refusals = 0, notice  # the provider and the wallet subscribed before
+        lm = client(net, timeout=60.0)
+        t = time.monotonic()
+        try:
+            out: Any = await lm.acall("What is 2+2?")
+        except Exception as e:  # noqa: BLE001 - inspected below
+            out = e
+        assert time.monotonic() - t < 30  # the relay's answer, not the 60 s timeout
+        assert isinstance(out, SubscriptionRefused) and "the job was not sent" in str(out), out
+        assert out.code == ("notice" if notice else "error")
+        b: Budget = lm.options["swarm_budget"]
+        assert (b.spent_msats, b.reserved_msats, b.open_reservations) == (0, 0, 0)
+        assert net.relay.published(5050) == [] and net.paid() == 0
+        from dsrs.pylon import pools
+
+        await pools.aclose()
+    await fp.stop()
+
+
+async def test_a_relay_that_closes_the_jobs_subscription_after_payment(net: Net) -> None:
+    """The relay CLOSEs the shared subscription the answers come on, after the job was paid: it is
+    opened again and the result still arrives; if the relay refuses that too, the call fails at once
+    with SwarmJobError `paid_no_result`, the payment booked as spent."""
+    paid = asyncio.Event()
+
+    async def closes_then_answers(fp: FakeProvider, job: Any) -> None:
+        inv = await fp.quote(job, PRICE)
+        if await fp.wait_paid(inv):
+            await asyncio.sleep(0.05)
+            assert await net.relay.close_subs({6050}, "error: shutting down") == 1
+            paid.set()
+            await asyncio.sleep(0.2)  # the client subscribes again (or is refused)
+            await fp.result(job, "after the close")
+
+    lm = client(net).with_fee_cap_msats(0)
+    out, _ = await call(net, lm, closes_then_answers)
+    assert isinstance(out, Completion) and out.text == "after the close", out
+    b: Budget = lm.options["swarm_budget"]
+    assert net.paid() == PRICE == b.spent_msats and b.reserved_msats == 0
+
+    async def refuse_after_close(fp: FakeProvider, job: Any) -> None:
+        inv = await fp.quote(job, PRICE)
+        if await fp.wait_paid(inv):
+            await asyncio.sleep(0.05)
+            net.relay.max_subs = 0
+            await net.relay.close_subs({6050}, "error: shutting down")
+
+    lm = client(net, timeout=60.0).with_fee_cap_msats(0)
+    t = time.monotonic()
+    out, _ = await call(net, lm, refuse_after_close)
+    from dsrs.pylon import SwarmJobError
+
+    assert isinstance(out, SwarmJobError) and out.code == "paid_no_result" and out.spent_msats == PRICE, out
+    assert time.monotonic() - t < 30
+    b = lm.options["swarm_budget"]
+    assert net.paid() == 2 * PRICE and b.spent_msats == PRICE and (b.reserved_msats, b.open_reservations) == (0, 0)
+
+
+async def test_the_wallets_answers_subscription_closed_mid_payment_stays_booked_and_is_paid_once(net: Net) -> None:
+    """The wallet pays but its answer cannot reach us: the relay CLOSEs the subscription for the
+    wallet's answers as the pay request arrives and refuses a new one. The call ends well before its
+    timeout with PaymentUnknownError, the booking kept (bid + fee cap), the job never paid again."""
+    net.service.mute_payments = True  # pays; its answer would have been lost anyway
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if ev["kind"] == 23194:
+            net.relay.max_subs = 0
+            asyncio.ensure_future(net.relay.close_subs({23195}, "error: shutting down"))
+
+    net.relay.on_event.append(on_event)
+    lm = client(net, NwcWallet(net.service.uri(net.customer), timeout=30), timeout=60.0)
+    t = time.monotonic()
+    out, _ = await call(net, lm, two_quotes)
+    assert isinstance(out, PaymentUnknownError) and out.spent_unknown, out
+    assert time.monotonic() - t < 30  # not the wallet's 30 s nor the call's 60 s
+    b: Budget = lm.options["swarm_budget"]
+    assert (b.spent_msats, b.reserved_msats, b.open_reservations) == (0, lm.worst_case_msats(lm.request("x")), 1)
+    assert net.paid() == PRICE and len([r for r in net.service.requests if r["method"] == "pay_invoice"]) == 1
+    out.reservation.settle(PRICE)
+    assert (b.spent_msats, b.reserved_msats) == (PRICE, 0)
+
+
+async def test_a_job_over_the_relays_published_size_limit_is_refused_before_sending(net: Net) -> None:
+    from dsrs.nostr import EventTooLargeError, nip11
+
+    net.relay.limitation = {"max_message_length": 3000, "max_content_length": 1000}
+    nip11._cache.pop(net.relay.url, None)
+    lm = client(net, timeout=60.0)
+    fp = await FakeProvider(net, honest).start()
+    try:
+        with pytest.raises(EventTooLargeError, match="relay .* takes messages of at most 3000") as big:
+            await lm.acall("x" * 5000)
+        assert big.value.event_sent is False and big.value.spent_msats == 0
+        out = await lm.acall("What is 2+2?")  # a job within the limits goes
+    finally:
+        await fp.stop()
+    assert out.text == "ok" and len(net.relay.published(5050)) == 1
+    b: Budget = lm.options["swarm_budget"]
+    assert net.paid() == PRICE == b.spent_msats and (b.reserved_msats, b.open_reservations) == (0, 0)

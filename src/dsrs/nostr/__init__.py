@@ -13,11 +13,12 @@ try:
             raise ImportError(name=_dep)
     from .event import Event, sign, verify_json
     from .keys import Keys
-    from .relay import Relay, RelayError, RelayPool, Subscription
+    from .relay import EventTooLargeError, Relay, RelayError, RelayPool, Subscription, SubscriptionRefused
 except ImportError as _e:  # the extra is missing: say how to get it (nothing was sent)
     from ..errors import ConfigurationError
 
     raise ConfigurationError(f"Nostr and the Pylon swarm need the pylon extra ({_e.name or _e} is missing)",
                              provider="pylon", hint="pip install 'dsrs[pylon]'") from None  # fmt: skip
 
-__all__ = ["Event", "Keys", "Relay", "RelayError", "RelayPool", "Subscription", "sign", "verify_json"]
+__all__ = ["Event", "EventTooLargeError", "Keys", "Relay", "RelayError", "RelayPool", "Subscription",
+           "SubscriptionRefused", "sign", "verify_json"]

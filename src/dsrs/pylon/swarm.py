@@ -1,8 +1,10 @@
 """The swarm client: one NIP-90 job (kind 5050) per request, paid over the wallet, checked throughout.
 
 Flow: book the bid + fee cap on the LM's budget (a call that cannot fit fails at once with
-BudgetExceededError, nothing published), sign the job, subscribe to its feedback (7000) and
-results (6050), publish, then read events until the first valid result. Each event must be
+BudgetExceededError, nothing published), sign the job, add its id to the loop's one shared
+subscription for feedback (7000) and results (6050) (pools.Feed: the relays take the new REQ
+before the job is published; a refusal fails the call at once, nothing sent), publish, then read
+the events routed to it until the first valid result. Each event must be
 correctly signed (the relay client drops others), reference our job in its first `e` tag and our
 key in its `p` tag, and be fresh. A `payment-required` quote is paid only when its amount is
 within the bid, its invoice is valid, unexpired, on our network and for exactly that amount, and
@@ -121,7 +123,7 @@ def job_event(keys: Keys, req: Request, cfg: SwarmConfig) -> Event:
 async def run(cfg: SwarmConfig, req: Request) -> Completion:
     """Run one job on the swarm and return its result (usage: what was paid, tokens estimated).
     Every wait (relay, wallet, providers) ends by `cfg.timeout` after the call started."""
-    from ..nostr import Keys  # the pylon extra (a ConfigurationError naming it when missing)
+    from ..nostr import Keys, RelayError  # the pylon extra (a ConfigurationError naming it when missing)
     from . import pools
 
     started = time.monotonic()
@@ -129,20 +131,28 @@ async def run(cfg: SwarmConfig, req: Request) -> Completion:
     job = _Job(job_event(keys, req, cfg), keys, cfg, deadline=started + cfg.timeout)
     job.res = _book(cfg)  # a call the budget cannot cover fails here, before anything is published
     pool = pools.pool(cfg.relays)
-    sub = None
+    feed = pools.feed(cfg.relays, {"kinds": [FEEDBACK, RESULT]})  # one subscription for all in-flight jobs
     try:
-        try:
-            sub = await asyncio.wait_for(pool.subscribe([{"kinds": [FEEDBACK, RESULT], "#e": [job.ev.id]}]), job.left())
+        try:  # the relays take the REQ naming this job before it is published: nothing is missed
+            q = await feed.add(job.ev.id, job.left())
         except asyncio.TimeoutError:
             raise TimeoutError(f"the relays did not answer within {cfg.timeout}s; the job was not sent", provider="pylon",
                                hint="check the relay URLs, or raise the timeout") from None  # fmt: skip
+        except RelayError as e:
+            log.info("job %s not sent: %s", job.ev.id[:12], e.message)
+            raise type(e)(f"the relays refused the subscription for the job's answers; the job was not sent ({e.message})",
+                          provider="pylon", code=e.code, hint="try other relays") from None  # fmt: skip
         await pool.publish(job.ev, timeout=min(job.left(), 10.0))
         events = 0
         while True:
             try:
-                ev = await sub.next(job.left())
+                ev = await asyncio.wait_for(q.get(), job.left())
             except asyncio.TimeoutError:
                 raise _timeout(job) from None
+            if isinstance(ev, BaseException):
+                raise _lost(job, ev)
+            if ev.id in job.seen:
+                continue  # sent again (a replacing REQ asks for recent stored events)
             events += 1
             if events > cfg.max_events:
                 raise SwarmJobError(f"job drew more than {cfg.max_events} events; giving up", provider="pylon")
@@ -156,9 +166,8 @@ async def run(cfg: SwarmConfig, req: Request) -> Completion:
     finally:
         if job.res is not None and not job.unknown:
             job.res.release()  # nothing paid (a payment settled it already)
-        if sub is not None:
-            await sub.close()
-    await _cancel(pool, job)
+        feed.remove(job.ev.id)
+    _spawn(_cancel(pool, job))  # best effort, off the caller's time
     return done
 
 
@@ -176,6 +185,15 @@ def _book(cfg: SwarmConfig) -> Reservation | None:
         raise
 
 
+_background: set[asyncio.Task[None]] = set()
+
+
+def _spawn(coro: Any) -> None:
+    t = asyncio.ensure_future(coro)
+    _background.add(t)
+    t.add_done_callback(_background.discard)
+
+
 async def _cancel(pool: Any, job: _Job) -> None:
     from ..nostr import sign
 
@@ -186,12 +204,23 @@ async def _cancel(pool: Any, job: _Job) -> None:
         pass
 
 
+def _lost(job: _Job, e: BaseException) -> Exception:
+    """The relays closed the subscription the job's answers come on, and it could not be reopened."""
+    why = getattr(e, "message", None) or type(e).__name__
+    if job.paid_to:  # paid and cut off: do not retry (that would pay again)
+        return SwarmJobError(f"paid, then lost the relays' subscription before the result ({why})", provider="pylon",
+                             code="paid_no_result", hint=f"paid {job.paid_msats} msats to {job.paid_to[:12]}...")  # fmt: skip
+    return SwarmJobError(f"the relays closed the subscription for the job's answers ({why}); nothing was paid",
+                         provider="pylon", code="subscription_lost", hint="try other relays")  # fmt: skip
+
+
 def _timeout(job: _Job) -> Exception:
     why = "; ".join(job.refusals) if job.refusals else "no provider answered"
     msg = f"no result within {job.cfg.timeout}s ({why})"
     if job.paid_to:  # paid and not delivered: do not retry (that would pay again)
         return SwarmJobError(msg, provider="pylon", code="paid_no_result",
-                             hint=f"paid {job.paid_msats} msats to {job.paid_to[:12]}...")  # fmt: skip
+                             hint=f"paid {job.paid_msats} msats to {job.paid_to[:12]}...; the provider may have failed,"
+                                  " or its result was refused by the relays (e.g. over their event size limit)")  # fmt: skip
     return TimeoutError(msg, provider="pylon", hint="raise the bid or the timeout, or try other relays")
 
 
@@ -248,7 +277,7 @@ async def _handle(job: _Job, ev: Event) -> Completion | None:
     usage = LmUsage(pt, ct, pt + ct, cost_msats=job.paid_msats,
                     cost_source=CostSource.INVOICE if job.paid_to else CostSource.FREE, estimated=True, calls=1)  # fmt: skip
     model = next((t[2] for t in job.ev.tags if t[:2] == ["param", "model"] and len(t) > 2), "")
-    raw = {"result": ev.id, "provider": who, "job": job.ev.id}
+    raw: dict[str, Any] = {"result": ev.id, "provider": who, "job": job.ev.id}
     if job.fees_over_cap:
         raw["fees_over_cap"] = True
     return Completion(ev.content, usage, model=model, provider="pylon", id=job.ev.id, raw=raw)
@@ -270,7 +299,7 @@ async def _quote(job: _Job, ev: Event) -> None:
         return job.refuse(who, "payment-required without a valid amount")
     if amount > cfg.bid_msats:
         return job.refuse(who, f"asks {amount} msats, over the bid of {cfg.bid_msats}")
-    text = amt[2] if amt and len(amt) > 2 else ""  # type: ignore[index]
+    text = amt[2] if amt and len(amt) > 2 else ""
     if not text:
         return job.refuse(who, "payment-required without an invoice")
     try:
@@ -373,7 +402,7 @@ async def _resolve(wallet: Any, payment_hash: str, job: _Job, fees_if_unsaid: in
             return None
     except ValueError:
         return None
-    fees = r.get("fees_paid")  # type: ignore[union-attr]
+    fees = r.get("fees_paid")
     fees = fees if isinstance(fees, int) and not isinstance(fees, bool) and fees >= 0 else fees_if_unsaid
     return Payment(pre, fees)
 

@@ -2,7 +2,8 @@
 
 `NwcWallet("nostr+walletconnect://<wallet pubkey>?relay=wss://...&secret=<hex>")` encrypts with
 NIP-44 v2 when the wallet's info event (kind 13194) offers it, else NIP-04. Requests are kind
-23194, answers kind 23195 tagged with the request id; we subscribe before sending. A payment
+23194, answers kind 23195 tagged with the request id, read on one subscription per wallet (and
+event loop) shared by every request, taken by the relay before the first request is sent. A payment
 counts only when sha256(preimage) equals the invoice's payment hash. The URI's secret, invoices
 and preimages never appear in reprs, logs or error text.
 """
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs, urlparse
@@ -65,6 +67,7 @@ class NwcWallet:
         self._keys = Keys(q["secret"][0])
         self.timeout = timeout
         self._encryption: str | None = None
+        self._info_query: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[str]] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"NwcWallet(wallet={self.wallet_pubkey[:12]}..., relays={list(self.relays)})"
@@ -79,8 +82,13 @@ class NwcWallet:
         NOT_SENT (no request has been sent yet)."""
         if self._encryption is None:
             timeout = self.timeout if timeout is None else timeout
+            loop = asyncio.get_running_loop()
+            query = self._info_query.get(loop)
+            if query is None or query.done():  # one query at a time: concurrent calls share it
+                query = self._info_query[loop] = asyncio.ensure_future(self._info())
+                query.add_done_callback(lambda f: None if f.cancelled() else f.exception())
             try:
-                mode = await asyncio.wait_for(self._info(), max(0.0, timeout))
+                mode = await asyncio.wait_for(asyncio.shield(query), max(0.0, timeout))
             except (asyncio.TimeoutError, builtins.TimeoutError, APIConnectionError):
                 log.info("the wallet's relay did not answer the info query (kind 13194) within %gs", timeout)
                 raise PaymentError(f"the wallet's relay did not answer the wallet info query within {timeout:g}s; nothing was sent",
@@ -93,9 +101,11 @@ class NwcWallet:
         sub = await p.subscribe([{"kinds": [INFO], "authors": [self.wallet_pubkey], "limit": 1}])
         mode = "nip04"
         try:
-            await sub.eose.wait()  # stored events come before EOSE on the same connection
+            await asyncio.wait_for(sub.eose.wait(), self.timeout)  # stored events come before EOSE on the same connection
             while not sub.queue.empty():
                 ev = sub.queue.get_nowait()
+                if ev is None:  # the relay closed it
+                    raise sub.error or APIConnectionError("the info subscription was closed", provider="nwc")
                 tag = ev.tag("encryption") or []
                 if ev.kind == INFO and ev.pubkey == self.wallet_pubkey and "nip44_v2" in " ".join(tag[1:2]).split():
                     mode = "nip44_v2"
@@ -128,9 +138,11 @@ class NwcWallet:
             tags.append(["encryption", "nip44_v2"])
         ev = sign(self._keys, REQUEST, self._encrypt(json.dumps({"method": method, "params": params}), mode), tags)
         p = pools.pool(self.relays)
+        feed = self._responses()
         try:
-            sub = await asyncio.wait_for(p.subscribe([{"kinds": [RESPONSE], "authors": [self.wallet_pubkey], "#e": [ev.id]}]), left)
-        except (asyncio.TimeoutError, builtins.TimeoutError, APIConnectionError):
+            queue = await feed.add(ev.id, left)
+        except (asyncio.TimeoutError, builtins.TimeoutError, APIConnectionError) as e:
+            log.info("the wallet's relay did not take the subscription for its answers (%s); %s not sent", type(e).__name__, method)
             raise PaymentError(f"could not reach the wallet's relay; the {method} request was not sent", provider="nwc",
                                code="NOT_SENT", hint="check the relay in the wallet URI (relay=...)") from None  # fmt: skip
         pub: asyncio.Future[None] | None = asyncio.ensure_future(p.publish(ev, timeout=left))
@@ -139,7 +151,7 @@ class NwcWallet:
             while True:
                 left = deadline - time.monotonic()
                 if got is None:
-                    got = asyncio.ensure_future(sub.queue.get())
+                    got = asyncio.ensure_future(queue.get())
                 done: set[Any] = set()
                 if left > 0:
                     done, _ = await asyncio.wait({got} | ({pub} if pub else set()), timeout=left,
@@ -160,6 +172,10 @@ class NwcWallet:
                                                   hint="check the wallet; the budget keeps this amount reserved")  # fmt: skip
                     continue
                 resp, got = got.result(), None
+                if isinstance(resp, BaseException):  # the subscription for the answers is lost: the request may be out
+                    log.info("lost the subscription for the wallet's answers (%s) while waiting for %s", type(resp).__name__, method)
+                    raise PaymentUnknownError(f"lost the wallet relay's subscription before the wallet answered {method}",
+                                              provider="nwc", code="TIMEOUT", hint="check the wallet; the budget keeps this amount reserved")  # fmt: skip
                 if resp.pubkey != self.wallet_pubkey or resp.tag_value("e") != ev.id:
                     continue
                 try:
@@ -183,7 +199,13 @@ class NwcWallet:
                     t.cancel()
             if pub is not None and pub.done() and not pub.cancelled():
                 pub.exception()  # retrieved: the answer came first
-            await sub.close()
+            feed.remove(ev.id)
+
+    def _responses(self) -> pools.Feed:
+        """This loop's one subscription to this wallet's answers to us (kind 23195, `#p` our key),
+        shared by every request; an answer goes to the request its `e` tag names."""
+        return pools.feed(self.relays, {"kinds": [RESPONSE], "authors": [self.wallet_pubkey], "#p": [self.client_pubkey]},
+                          dynamic=False)  # fmt: skip
 
     async def pay_invoice(self, invoice: str, *, timeout: float | None = None) -> Payment:
         inv = bolt11.decode(invoice)
