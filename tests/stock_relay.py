@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 VERSION = "1.14"
+# nostr-relay's own config.yaml lists these; a `storage` section replaces that list, so it is repeated here.
+STOCK_VALIDATORS = ["nostr_relay.validators.is_not_too_large", "nostr_relay.validators.is_signed",
+                    "nostr_relay.validators.is_recent", "nostr_relay.validators.is_not_hellthread"]  # fmt: skip
 
 
 def command() -> str:
@@ -55,7 +58,7 @@ class StockRelay:
         config = {
             "DEBUG": False,
             "relay_name": "stock nostr-relay",
-            "storage": {"sqlalchemy.url": f"sqlite+aiosqlite:///{workdir / 'relay.sqlite3'}"},
+            "storage": {"sqlalchemy.url": f"sqlite+aiosqlite:///{workdir / 'relay.sqlite3'}", "validators": STOCK_VALIDATORS},
             "gunicorn": {"bind": f"127.0.0.1:{port}", "workers": 1, "loglevel": "warning", "reload": False},
             "verification": {"nip05_verification": "disabled"},
             "authentication": {"enabled": False},

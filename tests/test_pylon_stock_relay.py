@@ -28,15 +28,10 @@ from nwc_service import FakeProvider, Ledger, Net, WalletService, honest
 from stock_relay import StockRelay
 
 PRICE = 1000
-# The validators of nostr-relay's own config.yaml (its size limit among them): stock_relay.py's
-# `storage` section names only the database, which leaves the package's default, signatures only.
-STOCK_VALIDATORS = ["nostr_relay.validators.is_not_too_large", "nostr_relay.validators.is_signed",
-                    "nostr_relay.validators.is_recent", "nostr_relay.validators.is_not_hellthread"]  # fmt: skip
 
 
 async def start_stock_net(workdir: Path, **overrides: Any) -> Net:
-    storage = {"sqlalchemy.url": f"sqlite+aiosqlite:///{workdir / 'relay.sqlite3'}", "validators": STOCK_VALIDATORS}
-    relay = await asyncio.to_thread(StockRelay.start, workdir, **{"storage": storage, **overrides})
+    relay = await asyncio.to_thread(StockRelay.start, workdir, **overrides)
     ledger = Ledger()
     svc = WalletService(relay.url, ledger)
     await svc.start()
