@@ -404,6 +404,23 @@ def test_gateway_over_the_llamacpp_embedding_server(llama_embed_server: str) -> 
         gw.close()
 
 
-def test_types_a_checker_sees() -> None:
-    e: Embedder = dsrs.Embedder("openai/text-embedding-3-small").with_dimensions(8).with_cache(True)
-    assert isinstance(e, Embedder)
+def test_what_a_type_checker_sees(tmp_path: Any) -> None:
+    """`mypy --strict` sees the real types (the lazy `dsrs.Embedder` included), as for LM (tests/test_typing.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probes = {
+        'dsrs.Embedder("openai/text-embedding-3-small").with_dimensions(8).with_cache(True)': "dsrs.embed.Embedder",
+        'Embedder("openai/text-embedding-3-small").embed(["a", "b"])': "dsrs.embed.Embeddings",
+        'Embedder("openai/text-embedding-3-small").embed("a").vectors': "list[list[float]]",
+        'Embedder("openai/text-embedding-3-small").embed("a").usage.cost_msats': "int | None",
+    }
+    src = "import dsrs\nfrom dsrs import Embedder\n" + "".join(f"reveal_type({x})\n" for x in probes)
+    (tmp_path / "probe.py").write_text(src)
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(tmp_path / "probe.py")],
+                       cwd=root, capture_output=True, text=True, timeout=300)  # fmt: skip
+    revealed = [line.split('Revealed type is "', 1)[1].rstrip('"') for line in r.stdout.splitlines()
+                if "Revealed type is" in line]  # fmt: skip
+    assert revealed == list(probes.values()), r.stdout

@@ -204,7 +204,7 @@ class Embedder:
     def backend(self) -> EmbedBackend:
         if self._backend_obj is None:
             self._backend_obj = module(self.service).Client(self.service, self.model, self._opts)
-        return self._backend_obj  # type: ignore[return-value]
+        return self._backend_obj
 
     def request(self, texts: str | Sequence[str]) -> EmbedRequest:
         """The normalized request this Embedder would send for `texts` (before batching)."""
@@ -330,7 +330,8 @@ class Embedder:
     async def _attempt(self, req: EmbedRequest, budgets: tuple[Any, ...]) -> tuple[list[list[float]], LmUsage, str]:
         """One try of one request: reserve its worst case, send, settle to the priced usage or book
         what the failure may have cost (`Hold.fail`)."""
-        hold = reserve(self, req, budgets) if budgets else NO_HOLD
+        # `reserve` hands `req` to `self.worst_case_msats` (the budget's bound for an embeddings request)
+        hold = reserve(self, req, budgets) if budgets else NO_HOLD  # type: ignore[arg-type]
         try:
             vectors, usage, model = await self.backend.embed(req)
             usage = pricing.apply(usage, self.provider, self.model)
