@@ -213,7 +213,7 @@ def test_retries_follow_retry_after(scripted: Any, fake_retry: Any, sleeps: list
         oa(scripted).embed("x")
 
 
-@pytest.mark.parametrize("bad", [[], [1, "a"], ["ok", ""], None, b"bytes", [None]])
+@pytest.mark.parametrize("bad", [[], [1, "a"], ["ok", ""], None, b"bytes", [None], {"a": 1}, iter([])])
 def test_bad_input_is_a_configuration_error_and_sends_nothing(scripted: Any, bad: Any) -> None:
     with pytest.raises(ConfigurationError) as exc:
         oa(scripted).embed(bad)
@@ -400,6 +400,8 @@ def test_gateway_over_the_llamacpp_embedding_server(llama_embed_server: str) -> 
         assert len(got) == 640 and max(abs(x - y) for x, y in zip(got, want)) < 1e-6  # float32 on the wire
         again = client.embeddings.create(model="local", input=SENTENCES[:1])  # the gateway's cache answers
         assert again.data[0].embedding == got
+        rows = [row for row in gw.runtime.ledger.rows() if row.lane == "local" and row.model == "gemma"]
+        assert [(row.cache_hit, row.cost_msats) for row in rows[-2:]] == [(False, 0), (True, 0)]
     finally:
         gw.close()
 

@@ -22,7 +22,7 @@ import difflib
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -78,11 +78,11 @@ class Embeddings:
                 f"{self.usage.prompt_tokens} tokens, cost_msats={self.usage.cost_msats})")  # fmt: skip
 
 
-def texts_of(texts: str | Sequence[str]) -> tuple[str, ...]:
+def texts_of(texts: str | Iterable[str]) -> tuple[str, ...]:
     """The inputs as a tuple of non-empty strings, or a ConfigurationError saying what to pass."""
     if isinstance(texts, str):
         texts = (texts,)
-    elif not isinstance(texts, Sequence) or isinstance(texts, (bytes, bytearray)):
+    elif not isinstance(texts, Iterable) or isinstance(texts, (bytes, bytearray, Mapping)):
         raise ConfigurationError(f"embed() takes a string or a list of strings, not {type(texts).__name__}",
                                  hint='e.g. embed("a text") or embed(["one", "two"])')  # fmt: skip
     out = tuple(texts)
@@ -206,7 +206,7 @@ class Embedder:
             self._backend_obj = module(self.service).Client(self.service, self.model, self._opts)
         return self._backend_obj
 
-    def request(self, texts: str | Sequence[str]) -> EmbedRequest:
+    def request(self, texts: str | Iterable[str]) -> EmbedRequest:
         """The normalized request this Embedder would send for `texts` (before batching)."""
         o = self._opts
         return EmbedRequest(self.model, texts_of(texts), o.get("dimensions"), o.get("encoding_format") or "float",
@@ -281,7 +281,7 @@ class Embedder:
         return e
 
     # -- calls ------------------------------------------------------------------------------
-    async def aembed(self, texts: str | Sequence[str]) -> Embeddings:
+    async def aembed(self, texts: str | Iterable[str]) -> Embeddings:
         """Embed one string or a list of strings; the vectors come back in input order."""
         req = self.request(texts)
         started = time.perf_counter()
@@ -313,7 +313,7 @@ class Embedder:
         self._record(result)
         return result
 
-    def embed(self, texts: str | Sequence[str]) -> Embeddings:
+    def embed(self, texts: str | Iterable[str]) -> Embeddings:
         """Sync `aembed` (works inside a running event loop too)."""
         return _sync.run(self.aembed(texts))
 
