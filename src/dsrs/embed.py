@@ -22,6 +22,7 @@ import difflib
 import hashlib
 import json
 import time
+from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -370,8 +371,12 @@ def _cached(cache: Cache, key: str) -> Embeddings | None:
     if not isinstance(v, dict) or v.get("v") != KEY_VERSION or v.get("kind") != "embeddings":
         return None
     vectors, u = v.get("vectors"), v.get("usage")
-    if not (isinstance(vectors, list) and vectors and isinstance(u, dict)
-            and all(type(x) is list and x and all(type(f) in (float, int) for f in x) for x in vectors)):  # fmt: skip
+    try:  # numbers only (C speed), or another program's row: a miss
+        ok = isinstance(vectors, list) and bool(vectors) and isinstance(u, dict) \
+            and all(type(x) is list and x and array("d", x) for x in vectors)  # fmt: skip
+    except (TypeError, OverflowError):
+        ok = False
+    if not ok or not isinstance(u, dict):
         return None
     p, t = u.get("prompt_tokens"), u.get("total_tokens")
     if not (type(p) is int and type(t) is int and p >= 0 and t >= 0):
@@ -379,5 +384,4 @@ def _cached(cache: Cache, key: str) -> Embeddings | None:
     if blob is None:
         cache.memory.put(key, json.dumps(v))
     usage = LmUsage(prompt_tokens=p, total_tokens=t, **_HIT)  # type: ignore[arg-type]
-    return Embeddings([[float(f) for f in x] for x in vectors], str(v.get("model") or ""),
-                      str(v.get("provider") or ""), usage)  # fmt: skip
+    return Embeddings(vectors, str(v.get("model") or ""), str(v.get("provider") or ""), usage)  # type: ignore[arg-type]

@@ -80,28 +80,29 @@ def bad(payload: Any, what: str, provider: str, model: str) -> errors.ResponseFo
 
 
 def vector(v: Any, provider: str, model: str) -> list[float]:
-    """One embedding as a list of finite floats: a JSON array of numbers, or base64 of little-endian
-    float32 (what `encoding_format: "base64"` returns)."""
-    if isinstance(v, str):
+    """One embedding as a list of finite numbers: a JSON array of numbers (kept as it is: JSON has no
+    NaN or infinity), or base64 of little-endian float32 (what `encoding_format: "base64"` returns)."""
+    if type(v) is list:
         try:
-            raw = base64.b64decode(v, validate=True)
-        except ValueError:
-            raise bad(v, "a base64 embedding", provider, model) from None
-        if len(raw) % 4:
-            raise bad(v, "base64 of float32 values (length not a multiple of 4)", provider, model)
-        a = array("f")
-        a.frombytes(raw)
-        if sys.byteorder != "little":
-            a.byteswap()
-    elif type(v) is list and not any(type(x) is bool for x in v):
-        try:
-            a = array("d", v)  # C speed; a non-number is a TypeError
+            if v and array("d", v):  # C speed: a non-number is a TypeError (true/false count as 1 and 0)
+                return v
         except (TypeError, OverflowError):
-            raise bad(str(v)[:60], "an embedding of numbers", provider, model) from None
-    else:
+            pass
+        raise bad(str(v)[:60], "a non-empty embedding of numbers", provider, model)
+    if not isinstance(v, str):
         raise bad(v, "an embedding (a list of numbers or a base64 string)", provider, model)
-    if not a or not all(map(math.isfinite, a)):
-        raise bad(str(v)[:60], "a non-empty embedding of finite numbers", provider, model)
+    try:
+        raw = base64.b64decode(v, validate=True)
+    except ValueError:
+        raise bad(v, "a base64 embedding", provider, model) from None
+    if not raw or len(raw) % 4:
+        raise bad(v, "base64 of float32 values (a non-empty multiple of 4 bytes)", provider, model)
+    a = array("f")
+    a.frombytes(raw)
+    if sys.byteorder != "little":
+        a.byteswap()
+    if not math.isfinite(sum(a)) and not all(map(math.isfinite, a)):  # the sum of finite floats may overflow
+        raise bad(v[:60], "an embedding of finite numbers", provider, model)
     return a.tolist()
 
 
