@@ -202,6 +202,22 @@ def test_budgets_refuse_settle_and_keep_what_may_have_been_billed(scripted: Any)
     assert (b.spent_msats, b.reserved_msats) == (3, 0)  # a 200 we could not read may be billed: worst case kept
 
 
+def test_a_failed_batch_keeps_the_paid_ones_on_the_books(scripted: Any) -> None:
+    from dsrs import ledger
+
+    b = Budget(1000)
+    scripted.script(openai_reply([[1.0]], 500, model="text-embedding-3-large"), Reply(status=400, json={"error": {"message": "too long",
+                                                                              "type": "invalid_request_error"}}))  # fmt: skip
+    e = Embedder("openai/text-embedding-3-large", base_url=scripted.url + "/v1", api_key=KEY, retries=0, budget=b)
+    with pytest.raises(dsrs.BadRequestError) as exc:
+        e.with_batch_size(1).embed(["paid", "refused"])
+    assert len(scripted.requests) == 2
+    assert (exc.value.usage.prompt_tokens, exc.value.usage.cost_msats) == (500, 65)  # type: ignore[attr-defined]
+    assert (b.spent_msats, b.reserved_msats) == (65, 0)  # the first request is paid; the 400 released its own
+    row = [r for r in ledger.default_ledger().rows() if r.model == "text-embedding-3-large"][-1]
+    assert (row.program, row.prompt_tokens, row.cost_msats) == ("embed", 500, 65)
+
+
 def test_retries_follow_retry_after(scripted: Any, fake_retry: Any, sleeps: list[float]) -> None:
     scripted.script(Reply(status=429, headers={"retry-after": "3"}, json={"error": {"type": "rate_limit"}}),
                     openai_reply([[1.0]]))  # fmt: skip
