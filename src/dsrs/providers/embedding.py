@@ -84,7 +84,8 @@ def vector(v: Any, provider: str, model: str) -> list[float]:
     NaN or infinity), or base64 of little-endian float32 (what `encoding_format: "base64"` returns)."""
     if type(v) is list:
         try:
-            if v and array("d", v):  # C speed: a non-number is a TypeError (true/false count as 1 and 0)
+            if v:
+                sum(v, 0.0)  # C speed (float fast path): a non-number is a TypeError (true/false count as 1, 0)
                 return v
         except (TypeError, OverflowError):
             pass
