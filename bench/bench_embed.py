@@ -7,7 +7,7 @@ checks (one vector per input, finite numbers, one length), pricing and budget-fr
 Then the embedded engine: `handle_embeddings` called directly vs `Embedder("embedded/...")`.
 Prints medians and the dsrs/raw ratio per shape.
 
-    python bench/bench_embed.py [--calls 200] [--no-engine]
+    python bench/bench_embed.py [--calls 200] [--no-engine] [--no-http]
 """
 
 from __future__ import annotations
@@ -130,17 +130,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--no-engine", action="store_true")
+    ap.add_argument("--no-http", action="store_true")
     args = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores")
     shapes = [(1, 1536, False), (64, 1536, False), (64, 1536, True), (2048, 256, False), (2048, 256, True)]
-    port = _port()
-    srv = multiprocessing.Process(target=_serve, args=(port, shapes), daemon=True)
-    srv.start()
-    try:
-        asyncio.run(_http(port, shapes, args.calls))
-    finally:
-        srv.terminate()
-        srv.join(10)
+    if not args.no_http:
+        port = _port()
+        srv = multiprocessing.Process(target=_serve, args=(port, shapes), daemon=True)
+        srv.start()
+        try:
+            asyncio.run(_http(port, shapes, args.calls))
+        finally:
+            srv.terminate()
+            srv.join(10)
     if not args.no_engine:
         asyncio.run(_engine(max(5, args.calls // 20)))
 
