@@ -305,6 +305,9 @@ def test_the_embedded_engine_embeds() -> None:
     assert r.usage.prompt_tokens > 3 and (r.usage.cost_msats, r.usage.cost_source) == (0, dsrs.CostSource.FREE)
     with pytest.raises(UnsupportedFeatureError):
         Embedder("embedded/gemma-3-270m").with_dimensions(64).embed("x")
+    with pytest.raises(dsrs.DsrsError, match="split longer texts") as exc:  # over the engine's 2,048-token batch
+        Embedder("embedded/gemma-3-270m", ledger=False).embed("word " * 2100)
+    assert exc.value.attempts == 1  # type: ignore[attr-defined]  # deterministic: not retried
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,7 @@ class Client:
             code = r["error"].get("code")
             err = errors.from_response(code if isinstance(code, int) else 500, r, provider="embedded", model=self.model)
             err.billed = False  # type: ignore[attr-defined]  # local: nothing is billed
+            err.should_retry = False  # type: ignore[attr-defined]  # in process and deterministic: a retry fails alike
             if err.hint is None:
                 err.hint = f"inputs may be at most {N_CTX} tokens each for the embedded engine: split longer texts"
                 err.args = (str(err),)
