@@ -94,7 +94,7 @@ def texts_of(texts: str | Iterable[str]) -> tuple[str, ...]:
                                      hint="embed strings only; convert other values with str(...) first")  # fmt: skip
         if not t:
             raise ConfigurationError(f"input {i} is an empty string, which providers refuse",
-                                     hint="drop empty texts before embedding, or replace them with a placeholder")  # fmt: skip
+                                     hint="drop empty texts before embedding, or put a placeholder")  # fmt: skip
     return out
 
 
@@ -119,10 +119,8 @@ class Embedder:
             k = _ALIASES.get(k, k)
             if k not in known:
                 close = difflib.get_close_matches(k, known + tuple(_ALIASES), n=1)
-                raise ConfigurationError(
-                    f"unknown option {k!r} for Embedder" + (f": did you mean {_ALIASES.get(close[0], close[0])!r}?" if close else ""),
-                    hint="known: " + ", ".join(known),
-                )  # fmt: skip
+                guess = f": did you mean {_ALIASES.get(close[0], close[0])!r}?" if close else ""
+                raise ConfigurationError(f"unknown option {k!r} for Embedder{guess}", hint="known: " + ", ".join(known))
             if k == "api_key" and v is not None and not isinstance(v, Secret):
                 v = Secret(v)
             check = _OWN_CHECKS.get(k) or _CHECKS.get(k)
@@ -271,7 +269,7 @@ class Embedder:
         if not isinstance(e, DsrsError):
             err: DsrsError = ResponseFormatError(
                 f"could not read the answer ({type(e).__name__}: {str(e)[:200]})", provider=self.provider,
-                model=self.model, hint="the provider's answer did not have the shape its protocol promises; it may have been billed",
+                model=self.model, hint="the answer did not have the shape its protocol promises; it may have been billed",
             )  # fmt: skip
             err.__cause__ = e
             e = err

@@ -57,7 +57,8 @@ def embedder(rt: Runtime, route: Route, dimensions: int | None) -> Embedder:
     """The Embedder for a route's lane, or a 400 when the route cannot embed."""
     lc = rt.cfg.lanes.get(route.lane) if route.lane else None
     if lc is None or lc.kind != "lm":
-        why = "several lanes (vectors of different models do not mix)" if route.lane is None else f"a {lc.kind} lane" if lc else "no lane"
+        why = ("several lanes (vectors of different models do not mix)" if route.lane is None
+               else f"a {lc.kind} lane" if lc else "no lane")  # fmt: skip
         raise requests.bad(f"the model {route.name!r} cannot embed: it is served by {why}; embeddings need one LM lane",
                            "model", "model_not_embeddable")  # fmt: skip
     lm = route.target

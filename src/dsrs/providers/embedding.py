@@ -75,8 +75,10 @@ def refuse(provider: str, model: str, what: str, hint: str) -> None:
 
 
 def bad(payload: Any, what: str, provider: str, model: str) -> errors.ResponseFormatError:
-    return errors.ResponseFormatError(f"not {what}: {str(payload)[:120]}", provider=provider, model=model, status=200,
-                                      hint="the answer did not have the shape of the protocol; it may have been billed")  # fmt: skip
+    return errors.ResponseFormatError(
+        f"not {what}: {str(payload)[:120]}", provider=provider, model=model, status=200,
+        hint="the answer did not have the shape of the protocol; it may have been billed",
+    )  # fmt: skip
 
 
 def vector(v: Any, provider: str, model: str) -> list[float]:
