@@ -174,6 +174,11 @@ def test_a_cache_hit_costs_nothing_and_the_key_holds_no_secret(scripted: Any, tm
     cache.store.flush()  # type: ignore[attr-defined]
     assert KEY.encode() not in path.read_bytes()
 
+    big = [[0.123456789] * 100_000]  # over 1 MiB of JSON: on disk only, not in the memory LRU
+    scripted.script(openai_reply(big, 5))
+    assert e.embed("big").vectors == big and e.embed("big").usage.cache_hit
+    assert cache.memory.get(e.cache_key(e.request("big"))) is None and len(scripted.requests) == 3
+
 
 def test_budgets_refuse_settle_and_keep_what_may_have_been_billed(scripted: Any) -> None:
     text = "x" * 100  # worst case 108 tokens x $0.13/M = 14.04 -> 15 msats

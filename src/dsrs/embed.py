@@ -350,6 +350,7 @@ class Embedder:
 
 
 # -- the cache: JSON rows beside the answers, under keys of their own ----------------------------
+_MEMORY_MAX = 1 << 20  # larger rows (a corpus in one call) stay on disk only: the memory LRU counts rows, not bytes
 _HIT = {"cost_msats": 0, "cost_source": CostSource.CACHE, "cache_hit": True, "calls": 1}
 
 
@@ -357,7 +358,9 @@ def _store(cache: Cache, key: str, r: Embeddings) -> None:
     u = r.usage
     v = {"v": KEY_VERSION, "kind": "embeddings", "vectors": r.vectors, "model": r.model, "provider": r.provider,
          "usage": {"prompt_tokens": u.prompt_tokens, "total_tokens": u.total_tokens}}  # fmt: skip
-    cache.memory.put(key, json.dumps(v))  # text: a caller mutating `r.vectors` cannot reach it
+    text = json.dumps(v)  # text: a caller mutating `r.vectors` cannot reach it
+    if len(text) <= _MEMORY_MAX:
+        cache.memory.put(key, text)
     cache.store.put(key, v)
 
 
@@ -378,7 +381,7 @@ def _cached(cache: Cache, key: str) -> Embeddings | None:
     p, t = u.get("prompt_tokens"), u.get("total_tokens")
     if not (type(p) is int and type(t) is int and p >= 0 and t >= 0):
         return None
-    if blob is None:
-        cache.memory.put(key, json.dumps(v))
+    if blob is None and len(text := json.dumps(v)) <= _MEMORY_MAX:
+        cache.memory.put(key, text)
     usage = LmUsage(prompt_tokens=p, total_tokens=t, **_HIT)  # type: ignore[arg-type]
     return Embeddings(vectors, str(v.get("model") or ""), str(v.get("provider") or ""), usage)  # type: ignore[arg-type]
