@@ -413,6 +413,23 @@ def test_gateway_refusals(gateway: InProcessGateway, scripted: Any) -> None:
     assert scripted.requests == []  # nothing reached the upstream
 
 
+def test_gateway_upstream_failures_are_booked_as_the_budgets_booked_them(gateway: InProcessGateway,
+                                                                        scripted: Any) -> None:  # fmt: skip
+    alice = openai.OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    scripted.script(Reply(status=500, json={"error": {"message": "down", "type": "server_error"}}),
+                    Reply(json={"data": "not embeddings"}))  # fmt: skip
+    with pytest.raises(openai.InternalServerError) as e1:  # an HTTP error answer: nothing billed, nothing booked
+        alice.embeddings.create(model="emb", input="x" * 100)
+    assert e1.value.status_code == 502
+    with pytest.raises(openai.InternalServerError):  # a 200 we could not read: its worst case stays booked
+        alice.embeddings.create(model="emb", input="x" * 100)
+    rows = [row for row in gateway.runtime.ledger.rows() if row.lane == "emb" and row.program == "key:alice"]
+    assert [(row.cost_msats, row.cost_source) for row in rows[-1:]] == [(3, "estimate")]  # 108 tokens x $0.02/M
+    metrics = urllib.request.urlopen(urllib.request.Request(
+        gateway.url + "/metrics", headers={"Authorization": "Bearer sk-admin-test-5555555555"})).read().decode()
+    assert 'dsrs_lane_unsettled_total{lane="emb",reason="error"} 1' in metrics
+
+
 def test_gateway_over_the_llamacpp_embedding_server(llama_embed_server: str) -> None:
     gw = InProcessGateway({"gateway": {"require_keys": False}, "cache": {"enabled": True},
                            "lanes": {"local": {"lm": "llamacpp/gemma", "base_url": llama_embed_server + "/v1"}}})  # fmt: skip
