@@ -53,5 +53,13 @@ def codex_and_pylon() -> None:
     LaneMux().add_lane("premium", codex).add_lane("cheap", swarm)
 
 
+async def embeddings() -> list[list[float]]:
+    e = dsrs.Embedder("openai/text-embedding-3-small").with_dimensions(256).with_cache(True).with_budget(Budget(1_000))
+    r: dsrs.Embeddings = await e.aembed(["first text", "second text"])
+    cost: int | None = r.usage.cost_msats
+    print(cost, e.embed("one more").vectors[0][:3])
+    return r.vectors
+
+
 if __name__ == "__main__":
     asyncio.run(stream(build()))

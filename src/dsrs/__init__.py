@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers and IDEs (
     from .budget import Budget
     from .cache import Cache
     from .codex_sdk import CodexSdkLM
+    from .embed import Embedder, Embeddings
     from .lanes import LaneMux
     from .history import inspect_history
     from .ledger import usage
@@ -50,6 +51,7 @@ _LAZY = {
     "LM": "dsrs.lm",
     "BaseLM": "dsrs.lm",
     "CodexSdkLM": "dsrs.codex_sdk",
+    "Embedder": "dsrs.embed", "Embeddings": "dsrs.embed",
     "Cache": "dsrs.cache",
     "RetryPolicy": "dsrs.retry",
     "settings": "dsrs.settings",
@@ -82,5 +84,5 @@ __all__ = [
     "TimeoutError", "Tool", "ToolCall", "UnknownProviderError", "UnsupportedFeatureError", "configure",
     "configure_with_adapter", "context", "Predict", "Signature", "Prediction", "InputField", "OutputField", "Adapter",
     "ChatAdapter", "JSONAdapter", "CompletionAdapter", "AdapterParseError", "usage", "Budget", "LaneMux",
-    "CodexSdkLM", "PylonLM", "inspect_history", "__version__",
+    "CodexSdkLM", "PylonLM", "inspect_history", "Embedder", "Embeddings", "__version__",
 ]  # fmt: skip

@@ -337,6 +337,9 @@ def make_app(cfg: Config, runtime: Runtime | None = None) -> web.Application:
     app.router.add_post("/v1/chat/completions", h.chat)
     app.router.add_post("/v1/responses", h.responses)
     app.router.add_post("/v1/messages", h.messages)  # Anthropic Messages
+    from . import embeddings  # imports this module: loaded here, once it is complete
+
+    app.router.add_post("/v1/embeddings", embeddings.route(h))
     app.router.add_get("/v1/models", h.models)
     app.router.add_get("/v1/models/{id:.+}", h.model)
     app.router.add_get("/health", h.health)
