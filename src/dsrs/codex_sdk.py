@@ -367,7 +367,8 @@ class CodexExec:
             return None
         if rf.get("type") == "json_schema":
             spec = rf.get("json_schema") or {}
-            return spec.get("schema", spec)
+            schema: dict[str, Any] = spec.get("schema", spec)
+            return schema
         raise errors.UnsupportedFeatureError(
             f"the Codex CLI cannot do response_format {rf.get('type')!r}", provider=PROVIDER, model=self.model,
             hint="use {'type': 'json_schema', 'json_schema': {'schema': {...}}}",

@@ -23,14 +23,17 @@ import asyncio
 import json
 import os
 import threading
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from . import errors
 from .retry import parse_retry_after, should_retry_header
+
+if TYPE_CHECKING:
+    from .types import Completion
 
 _sessions: dict[asyncio.AbstractEventLoop, Any] = {}  # a session refers to its loop: no weak keys
 _sessions_lock = threading.Lock()  # each thread may run its own loop; never held across an await
@@ -93,7 +96,7 @@ def session() -> Any:
     return s
 
 
-async def _closer(s: Any) -> AsyncIterator[None]:
+async def _closer(s: Any) -> AsyncGenerator[None, None]:
     try:
         yield
     finally:
@@ -395,7 +398,7 @@ def delta(v: Any, provider: str, model: str) -> str:
     raise _bad("text delta", v, provider, model)
 
 
-def checked(c: Any) -> Any:
+def checked(c: Completion) -> Completion:
     """The decoded `Completion` itself when its fields have their types (text str, tool calls with
     str id/name and dict arguments, token counts non-negative ints below 2**53, cached and written
     tokens within the prompt's; an integral float such as `12.0` becomes 12), else a

@@ -16,10 +16,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _sqlite
 from .errors import ConfigurationError, DsrsError
+
+if TYPE_CHECKING:
+    from .redis_state.ledger import RedisLedger
 
 log = logging.getLogger("dsrs.ledger")
 
@@ -102,7 +105,8 @@ class Ledger:
     def rows(self, since: float | None = None) -> list[Row]:
         q = f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE time >= ? ORDER BY id"
         raw = self._read(q, since)
-        return [Row(*r[:9], bool(r[9]), bool(r[10]), r[11], r[12]) for r in raw]
+        return [Row(t, lane, prov, model, pt, ct, tt, cost, src, bool(hit), bool(est), lat, prog)
+                for t, lane, prov, model, pt, ct, tt, cost, src, hit, est, lat, prog in raw]
 
     def summary(self, by: str = "model", since: float | None = None) -> list[Summary]:
         """Calls, tokens and cost grouped by model (provider/model), provider, lane or UTC day."""
@@ -135,18 +139,18 @@ class Ledger:
         self.file.close()
 
 
-_ledgers: dict[Any, Any] = {}
+_ledgers: dict[object, Ledger | RedisLedger] = {}
 _lock = threading.Lock()
 
 
-def default_ledger() -> Any:
+def default_ledger() -> Ledger | RedisLedger:
     """The shared Redis ledger when DSRS_REDIS_URL is set (`dsrs.redis_state.RedisLedger`), else the
     SQLite ledger beside the current cache directory. One per place; same record/rows/summary."""
     from .cache import default_dir
 
     url = os.environ.get("DSRS_REDIS_URL")
     path = default_dir() / "ledger.sqlite3"
-    where: Any = ("redis", url) if url else path
+    where: object = ("redis", url) if url else path
     with _lock:
         led = _ledgers.get(where)
         if led is None:
@@ -155,7 +159,7 @@ def default_ledger() -> Any:
                 from .redis_state import ledger_from_env
 
                 try:
-                    led = ledger_from_env()
+                    led = ledger_from_env() or led  # never None here: DSRS_REDIS_URL is set
                 except ConfigurationError as e:  # the redis package is missing: keep recording locally
                     log.warning("DSRS_REDIS_URL is set but %s; recording usage in %s instead", e, path)
             _ledgers[where] = led

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from .settings import current
 from .types import CostSource, LmUsage
@@ -112,7 +112,7 @@ def _price(row: Any, name: str, depth: int = 0) -> Price:
 
 @lru_cache(maxsize=1)
 def table() -> dict[str, Any]:
-    return json.loads(resources.files("dsrs.data").joinpath("prices.json").read_text())
+    return cast("dict[str, Any]", json.loads(resources.files("dsrs.data").joinpath("prices.json").read_text()))
 
 
 def _rows(data: Any, source: str) -> dict[str, Price]:
@@ -152,7 +152,7 @@ def _env() -> dict[str, Price]:
         with _lock:
             if _env_rows is None:
                 _env_rows = rows
-    return _env_rows  # type: ignore[return-value]
+    return _env_rows
 
 
 def register(name: str, *, input: float | str, output: float | str, cached_input: float | str | None = None,

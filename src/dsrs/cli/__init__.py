@@ -17,9 +17,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import TYPE_CHECKING, Any
 
 from .ask import BASE_MAX_TOKENS, DEFAULT_MODEL
 from .run import RUN_HELP
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
 
 
 def parser() -> argparse.ArgumentParser:
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.cmd == "serve":
             return _sync.run(_serve(args))
-        command = getattr(importlib.import_module(f".{args.cmd}", __name__), args.cmd)
+        module = importlib.import_module(f".{args.cmd}", __name__)
+        command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = getattr(module, args.cmd)
         return _sync.run(command(args))
     except KeyboardInterrupt:
         print("dsrs: interrupted", file=sys.stderr)

@@ -163,7 +163,7 @@ async def _ollama_probe(timeout: float) -> tuple[Probe, Any]:
     base = base_url(SERVICES["ollama"], None)
     try:
         tags = await _get(base + "/api/tags", "ollama", timeout)
-        models = [m.get("name") or m.get("model") for m in tags.get("models") or () if isinstance(m, dict)]
+        models: list[Any] = [m.get("name") or m.get("model") for m in tags.get("models") or () if isinstance(m, dict)]
     except (DsrsError, asyncio.TimeoutError, AttributeError) as e:
         return Probe("ollama", "http", False, f"{base}: {type(e).__name__}"), None
     models = [m for m in models if m]

@@ -22,7 +22,7 @@ from .. import _sync, ledger
 from ..errors import ConfigurationError, ResponseFormatError
 from ..settings import current
 from ..types import Completion
-from .adapters import AdapterParseError, JSONAdapter, options, resolve
+from .adapters import Adapter, AdapterParseError, JSONAdapter, options, resolve
 from .prediction import Prediction
 from .signature import Signature, SignatureError
 
@@ -92,10 +92,10 @@ class Predict:
             )
         return with_lane(lm, lane) if lane is not None else lm
 
-    def _adapter(self, lm: Any) -> Any:
+    def _adapter(self, lm: Any) -> Adapter:
         return resolve(self.adapter if self.adapter is not None else current().adapter, lm)
 
-    async def _settle(self, adapter: Any, lm: Any, values: dict[str, Any], lane: str | None,
+    async def _settle(self, adapter: Adapter, lm: Any, values: dict[str, Any], lane: str | None,
                       c: Completion) -> Prediction:  # fmt: skip
         """Parse the answer; on a parse failure retry once with the JSON adapter, then raise the typed error."""
         attempts = [(getattr(adapter, "name", type(adapter).__name__), c.text)]
@@ -117,10 +117,11 @@ class Predict:
             raise out
         return Prediction(out, lm_usage=usage, completion=c, inputs=values, lane=lane or route_lane(c))
 
-    async def _call(self, adapter: Any, lm: Any, values: dict[str, Any], lane: str | None) -> Completion:
+    async def _call(self, adapter: Adapter, lm: Any, values: dict[str, Any], lane: str | None) -> Completion:
         """One LM call with this adapter's prompt, recorded in the ledger."""
         started = time.perf_counter()
-        c = await lm.acall(adapter.format(self.signature, values, self.demos), **options(adapter, self.signature, lm))
+        prompt = adapter.format(self.signature, values, self.demos)
+        c: Completion = await lm.acall(prompt, **options(adapter, self.signature, lm))
         self._record(c, lane, started)
         return c
 
@@ -211,7 +212,7 @@ def _as_dict(x: Any) -> dict[str, Any]:
     raise SignatureError(f"inputs must be a mapping of field names to values, got {type(x).__name__}")
 
 
-def _parse(adapter: Any, sig: Signature, c: Completion) -> dict[str, Any] | AdapterParseError:
+def _parse(adapter: Adapter, sig: Signature, c: Completion) -> dict[str, Any] | AdapterParseError:
     try:
         return adapter.parse(sig, c.text)
     except AdapterParseError as e:

@@ -226,7 +226,7 @@ def _eval_type(node: ast.expr) -> Any:
         base = _eval_type(node.value)
         arg = _eval_type(node.slice)
         if base is Literal:
-            return Literal[arg if isinstance(arg, tuple) else (arg,)]  # type: ignore[valid-type]
+            return Literal[arg if isinstance(arg, tuple) else (arg,)]
         return base[arg]
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
         return Union[_eval_type(node.left), _eval_type(node.right)]  # noqa: UP007

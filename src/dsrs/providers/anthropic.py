@@ -14,14 +14,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .. import errors, http
-from ..types import Completion, LmUsage, Message, Request
+from ..types import Completion, FinishReason, LmUsage, Message, Request
 from . import convert
 from .base import HttpBackend
 
 VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
-_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
-           "refusal": "content_filter", "model_context_window_exceeded": "length"}  # fmt: skip
+_FINISH: dict[str, FinishReason] = {
+    "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+    "refusal": "content_filter", "model_context_window_exceeded": "length",
+}  # fmt: skip
 
 
 _THINKING = ("thinking", "redacted_thinking")
@@ -108,7 +110,8 @@ def usage(u: dict[str, Any] | None) -> LmUsage:
     read = u.get("cache_read_input_tokens") or 0
     write = u.get("cache_creation_input_tokens") or 0
     # cache_creation splits the writes by lifetime: 1-hour writes cost 2x input, 5-minute ones 1.25x
-    split = u.get("cache_creation") if isinstance(u.get("cache_creation"), dict) else {}
+    cc = u.get("cache_creation")
+    split: dict[str, Any] = cc if isinstance(cc, dict) else {}
     write_1h = split.get("ephemeral_1h_input_tokens") or 0
     write_5m = split.get("ephemeral_5m_input_tokens") or 0
     if not write and type(write_1h) is int and type(write_5m) is int:
@@ -129,7 +132,7 @@ def decode(payload: Any, provider: str, model: str) -> Completion:
                   for b in payload["content"] if b.get("type") == "tool_use")  # fmt: skip
     finish = _FINISH.get(payload.get("stop_reason") or "", "unknown")
     thinking = convert.reasoning(provider, [b for b in payload["content"] if b.get("type") in _THINKING])
-    return Completion(text, usage(payload.get("usage")), calls, finish, payload.get("model") or model,  # type: ignore[arg-type]
+    return Completion(text, usage(payload.get("usage")), calls, finish, payload.get("model") or model,
                       provider, payload.get("id"), raw=payload, reasoning=thinking)  # fmt: skip
 
 
@@ -188,7 +191,7 @@ class Client(HttpBackend):
                               for _, b in sorted(blocks.items()) if b.get("type") == "tool_use")  # fmt: skip
                 thinking = convert.reasoning(name, [{k: v for k, v in b.items() if k != "json"}
                                                     for _, b in sorted(blocks.items()) if b.get("type") in _THINKING])
-                yield http.checked(Completion("".join(parts), usage(u), calls, _FINISH.get(stop_reason or "", "unknown"),  # type: ignore[arg-type]
+                yield http.checked(Completion("".join(parts), usage(u), calls, _FINISH.get(stop_reason or "", "unknown"),
                                  message.get("model") or model, name, message.get("id"), reasoning=thinking))  # fmt: skip
                 return
             elif kind == "error":

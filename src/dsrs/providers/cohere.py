@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .. import errors, http
-from ..types import Completion, LmUsage, Message, Request
+from ..types import Completion, FinishReason, LmUsage, Message, Request
 from . import convert
 from .base import HttpBackend
 
-_FINISH = {"COMPLETE": "stop", "STOP_SEQUENCE": "stop", "MAX_TOKENS": "length", "TOOL_CALL": "tool_calls",
-           "ERROR": "error", "TIMEOUT": "error"}  # fmt: skip
+_FINISH: dict[str, FinishReason] = {
+    "COMPLETE": "stop", "STOP_SEQUENCE": "stop", "MAX_TOKENS": "length", "TOOL_CALL": "tool_calls",
+    "ERROR": "error", "TIMEOUT": "error",
+}  # fmt: skip
 
 
 def _message(m: Message) -> dict[str, Any]:
@@ -83,7 +85,7 @@ def decode(payload: Any, provider: str, model: str) -> Completion:
                                     (tc.get("function") or {}).get("arguments"))
                   for tc in msg.get("tool_calls") or ())  # fmt: skip
     finish = _FINISH.get(payload.get("finish_reason") or "", "unknown")
-    return Completion(_text(msg.get("content")), usage(payload.get("usage")), calls, finish, model,  # type: ignore[arg-type]
+    return Completion(_text(msg.get("content")), usage(payload.get("usage")), calls, finish, model,
                       provider, payload.get("id"), raw=payload)  # fmt: skip
 
 
@@ -128,7 +130,7 @@ class Client(HttpBackend):
                 tool_calls = tuple(convert.tool_call(c["id"], c["name"], c["arguments"])
                                    for _, c in sorted(calls.items()))  # fmt: skip
                 yield http.checked(Completion("".join(parts), usage(end.get("usage")), tool_calls,
-                                 _FINISH.get(end.get("finish_reason") or "", "unknown"), model, name, rid))  # type: ignore[arg-type]
+                                 _FINISH.get(end.get("finish_reason") or "", "unknown"), model, name, rid))
                 return
             elif kind == "error" or "error" in ev:
                 raise errors.from_response(502, ev, provider=name, model=model)

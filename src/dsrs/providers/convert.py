@@ -117,8 +117,8 @@ def response_format(rf: Any) -> dict[str, Any] | None:
     if rf is None or isinstance(rf, dict):
         output(rf)  # a bad dict is a ConfigurationError now, before anything is sent
         return rf
-    if isinstance(rf, type) and callable(getattr(rf, "model_json_schema", None)):  # pydantic v2, never imported here
-        return {"type": "json_schema", "json_schema": {"name": rf.__name__, "schema": rf.model_json_schema()}}
+    if isinstance(rf, type) and callable(schema := getattr(rf, "model_json_schema", None)):  # pydantic v2, never imported here
+        return {"type": "json_schema", "json_schema": {"name": rf.__name__, "schema": schema()}}
     raise errors.ConfigurationError(
         f"unknown response_format {rf!r:.80}",
         hint="pass a pydantic model class, {'type': 'json_object'} or "

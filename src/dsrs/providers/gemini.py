@@ -21,12 +21,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .. import errors, http
-from ..types import Completion, LmUsage, Message, Request, ToolCall
+from ..types import Completion, FinishReason, LmUsage, Message, Request, ToolCall
 from . import convert
 from .base import HttpBackend
 
 _SYNTH = "gemini-call-"  # prefix of call ids we made up (Gemini gave none): never sent back
-_FINISH = {"STOP": "stop", "MAX_TOKENS": "length"}
+_FINISH: dict[str, FinishReason] = {"STOP": "stop", "MAX_TOKENS": "length"}
 _BLOCKED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "LANGUAGE"}
 
 
@@ -184,14 +184,15 @@ class _Acc:
 
     def completion(self, raw: Any = None) -> Completion:
         if self.finish in _BLOCKED and not self.text and not self.calls:
-            raise _blocked(self.finish, self.provider, self.model, "answer")  # type: ignore[arg-type]
+            raise _blocked(self.finish, self.provider, self.model, "answer")
+        finish: FinishReason
         if self.finish in _BLOCKED:
             finish = "content_filter"
         elif self.calls:
             finish = "tool_calls"
         else:
             finish = _FINISH.get(self.finish or "", "unknown")
-        return Completion("".join(self.text), usage(self.usage), tuple(self.calls), finish,  # type: ignore[arg-type]
+        return Completion("".join(self.text), usage(self.usage), tuple(self.calls), finish,
                           self.model_version or self.model, self.provider, self.id, raw=raw,
                           reasoning=convert.reasoning(self.provider, self.signatures))  # fmt: skip
 

@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .. import errors, http
-from ..types import Completion, LmUsage, Message, Request, ToolCall
+from ..types import Completion, FinishReason, LmUsage, Message, Request, ToolCall
 from . import convert
 from .base import HttpBackend
 from .services import SERVICES
 
-_FINISH = {"stop": "stop", "length": "length"}
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 
 
 def _message(m: Message, name: str | None) -> dict[str, Any]:
@@ -76,7 +76,7 @@ def _calls(msg: dict[str, Any]) -> list[ToolCall]:
     return out
 
 
-def _finish(final: dict[str, Any], calls: list[ToolCall]) -> str:
+def _finish(final: dict[str, Any], calls: list[ToolCall]) -> FinishReason:
     if calls:
         return "tool_calls"
     return _FINISH.get(final.get("done_reason") or "stop", "unknown")
@@ -98,7 +98,7 @@ class Client(HttpBackend):
                 raise self._error(p)
             raise convert.malformed(p, "an Ollama chat response", self.service.name, self.model)
         calls = _calls(p["message"])
-        return http.checked(Completion(p["message"].get("content") or "", usage(p), tuple(calls), _finish(p, calls),  # type: ignore[arg-type]
+        return http.checked(Completion(p["message"].get("content") or "", usage(p), tuple(calls), _finish(p, calls),
                           p.get("model") or self.model, self.service.name, raw=p))  # fmt: skip
 
     async def stream(self, req: Request) -> AsyncIterator[str | Completion]:
@@ -119,7 +119,7 @@ class Client(HttpBackend):
                 yield text
             calls += _calls(msg)
             if chunk.get("done"):
-                yield http.checked(Completion("".join(parts), usage(chunk), tuple(calls), _finish(chunk, calls),  # type: ignore[arg-type]
+                yield http.checked(Completion("".join(parts), usage(chunk), tuple(calls), _finish(chunk, calls),
                                  chunk.get("model") or self.model, name))  # fmt: skip
                 return
         raise convert.stream_cut(name, self.model)

@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .. import errors, http
-from ..types import Completion, LmUsage, Message, Request, ToolCall
+from ..types import Completion, FinishReason, LmUsage, Message, Request, ToolCall
 from . import convert
 from .base import HttpBackend
 
-_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls",
-           "content_filter": "content_filter"}  # fmt: skip
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls",
+    "content_filter": "content_filter",
+}  # fmt: skip
 
 
 def _content_part(p: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +142,7 @@ class Client(HttpBackend):
         body = encode(req, self.service.quirks, True, self.service.stream_usage)
         parts: list[str] = []
         calls: dict[int, dict[str, Any]] = {}
-        finish = "unknown"
+        finish: FinishReason = "unknown"
         u: dict[str, Any] | None = None
         rid = None
         model = self.model
@@ -181,4 +183,4 @@ class Client(HttpBackend):
                 "the stream ended before it finished", provider=self.service.name, model=self.model
             )
         tool_calls = tuple(_tool_call(calls[i]) for i in sorted(calls))
-        yield http.checked(Completion("".join(parts), usage(u), tool_calls, finish, model, self.service.name, rid))  # type: ignore[arg-type]
+        yield http.checked(Completion("".join(parts), usage(u), tool_calls, finish, model, self.service.name, rid))

@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .. import errors, http
-from ..types import Completion, LmUsage, Request, ToolCall
+from ..types import Completion, FinishReason, LmUsage, Request, ToolCall
 from . import convert
 from .base import HttpBackend
 
-_INCOMPLETE = {"max_output_tokens": "length", "content_filter": "content_filter"}
+_INCOMPLETE: dict[str, FinishReason] = {"max_output_tokens": "length", "content_filter": "content_filter"}
 
 
 def _input(req: Request, provider: str) -> list[dict[str, Any]]:
@@ -120,7 +120,7 @@ def _reasoning(output: list[dict[str, Any]], provider: str) -> tuple[dict[str, A
     return convert.reasoning(provider, [i for i in output if isinstance(i, dict)])
 
 
-def _finish(resp: dict[str, Any], calls: tuple[ToolCall, ...], refused: bool) -> str:
+def _finish(resp: dict[str, Any], calls: tuple[ToolCall, ...], refused: bool) -> FinishReason:
     if resp.get("status") == "incomplete":
         return _INCOMPLETE.get((resp.get("incomplete_details") or {}).get("reason") or "", "unknown")
     if refused:
@@ -144,7 +144,7 @@ def decode(resp: Any, provider: str, model: str) -> Completion:
                 elif part.get("type") == "refusal":
                     refused = True
     calls = _calls(resp["output"])
-    return Completion("".join(text), usage(resp.get("usage")), calls, _finish(resp, calls, refused),  # type: ignore[arg-type]
+    return Completion("".join(text), usage(resp.get("usage")), calls, _finish(resp, calls, refused),
                       resp.get("model") or model, provider, resp.get("id"), raw=resp,
                       reasoning=_reasoning(resp["output"], provider))  # fmt: skip
 
@@ -183,7 +183,7 @@ class Client(HttpBackend):
                 refused = any(p.get("type") == "refusal" for i in items for p in i.get("content") or ())
                 thinking = _reasoning(items, name) or _reasoning(resp.get("output") or [], name)
                 yield http.checked(Completion("".join(parts), usage(resp.get("usage")), calls,
-                                 _finish(resp, calls, refused), resp.get("model") or model, name,  # type: ignore[arg-type]
+                                 _finish(resp, calls, refused), resp.get("model") or model, name,
                                  resp.get("id"), raw=resp, reasoning=thinking))  # fmt: skip
                 return
             elif kind == "response.failed":

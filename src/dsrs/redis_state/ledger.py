@@ -7,10 +7,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
 from .state import RedisState, _safe_url
+
+if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
+
+    from ..ledger import Row, Summary
 
 log = logging.getLogger("dsrs.redis")
 
@@ -28,7 +33,7 @@ class RedisLedger:
         self.state = state
         self.maxlen = maxlen
         self.stream = state.key("usage")
-        self._queue: deque[dict[str, Any]] = deque(maxlen=backlog)
+        self._queue: deque[dict[FieldT, EncodableT]] = deque(maxlen=backlog)
         self._wake = threading.Condition()
         self._writer: threading.Thread | None = None
         self._sending = threading.Lock()  # one sender at a time: the writer thread or a flush
@@ -44,7 +49,7 @@ class RedisLedger:
         """One call, from its `Completion`. Never raises, never blocks on Redis."""
         u = completion.usage
         lat = completion.latency_s if completion.latency_s is not None else latency_s
-        entry = {
+        entry: dict[FieldT, EncodableT] = {
             "time": repr(time.time()), "lane": lane or "", "provider": completion.provider or "",
             "model": completion.model or "", "prompt_tokens": u.prompt_tokens,
             "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens,
@@ -116,13 +121,13 @@ class RedisLedger:
             self._closed = True
             self._wake.notify()
 
-    def rows(self, since: float | None = None) -> list[Any]:
+    def rows(self, since: float | None = None) -> list[Row]:
         from ..ledger import Row
 
         self.flush()
         start = "-" if not since else str(int(since * 1000))
         raw = self.state.call(lambda: self.state.client.xrange(self.stream, min=start))
-        out = []
+        out: list[Row] = []
         for _id, f in raw:
             out.append(Row(
                 float(f["time"]), f["lane"] or None, f["provider"], f["model"], int(f["prompt_tokens"]),
@@ -133,13 +138,13 @@ class RedisLedger:
             ))  # fmt: skip
         return out
 
-    def summary(self, by: str = "model", since: float | None = None) -> list[Any]:
+    def summary(self, by: str = "model", since: float | None = None) -> list[Summary]:
         """Calls, tokens and cost grouped like `Ledger.summary` (model, provider, lane, day, program)."""
         import datetime
 
         from ..ledger import Summary
 
-        keyf: dict[str, Callable[[Any], str]] = {
+        keyf: dict[str, Callable[[Row], str]] = {
             "model": lambda r: f"{r.provider}/{r.model}",
             "provider": lambda r: r.provider,
             "lane": lambda r: r.lane or "-",
@@ -149,10 +154,10 @@ class RedisLedger:
         f = keyf.get(by)
         if f is None:
             raise ConfigurationError(f"cannot group usage by {by!r}", hint="by: " + ", ".join(keyf))
-        groups: dict[str, list[Any]] = {}
+        groups: dict[str, list[Row]] = {}
         for r in self.rows(since):
             groups.setdefault(f(r), []).append(r)
-        out = []
+        out: list[Summary] = []
         for k, rs in groups.items():
             out.append(Summary(
                 k, len(rs), sum(r.prompt_tokens for r in rs), sum(r.completion_tokens for r in rs),

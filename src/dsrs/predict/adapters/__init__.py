@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 from .base import Adapter, AdapterParseError, Prompt, options
 from .chat import ChatAdapter
@@ -29,7 +29,7 @@ def is_base_model(lm: Any) -> bool:
     return bool(_BASE_NAME.search(str(getattr(lm, "model", "") or "")))
 
 
-def resolve(adapter: Any, lm: Any) -> Any:
+def resolve(adapter: Any, lm: Any) -> Adapter:
     """The adapter to use: the one given (a class is instantiated), else by the kind of model."""
     if adapter is None:
         return CompletionAdapter() if is_base_model(lm) else ChatAdapter()
@@ -42,7 +42,7 @@ def resolve(adapter: Any, lm: Any) -> Any:
             f"{adapter!r:.80} is not an adapter",
             hint="an adapter has format(signature, inputs, demos) and parse(signature, text)",
         )
-    return adapter
+    return cast(Adapter, adapter)  # format and parse are callable: checked above
 
 
 __all__ = ["Adapter", "AdapterParseError", "ChatAdapter", "CompletionAdapter", "JSONAdapter", "Prompt", "is_base_model",
