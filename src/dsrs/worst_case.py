@@ -121,5 +121,6 @@ def lm_worst_case(lm: Any, req: Request) -> int | None:
     that knows its price better than the table, e.g. a swarm bid), else the price table."""
     own = getattr(lm, "worst_case_msats", None)
     if own is not None:
-        return own(req)
+        bound: int | None = own(req)
+        return bound
     return worst_case(lm.provider, lm.model, req, getattr(lm, "default_max_tokens", None))

@@ -17,11 +17,11 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .. import errors
 from ..providers import convert
-from ..types import Message, Tool
+from ..types import Message, Role, Tool
 
 
 class WireError(Exception):
@@ -262,7 +262,7 @@ def parse_chat(body: Any) -> Call:
         if role == "tool" and not call_id:
             raise bad(f"{where}: a tool message needs tool_call_id", f"{where}.tool_call_id")
         name = _string(m.get("name"), f"{where}.name")
-        msgs.append(Message(role, _text(m.get("content"), where), tuple(calls), call_id, name))
+        msgs.append(Message(cast(Role, role), _text(m.get("content"), where), tuple(calls), call_id, name))
     if body.get("functions"):
         raise bad("the legacy 'functions' parameter is not supported: use 'tools'", "functions", "unsupported_parameter")
     o = _sampling(body, "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens")

@@ -37,7 +37,7 @@ def engine(model: str, n_ctx: int = N_CTX) -> Any:
     with _lock:
         s = _engines.get(key)
         if s is None:
-            import xllamacpp  # type: ignore[import-untyped]
+            import xllamacpp
 
             p = embedded.params(path, n_ctx)
             p.embedding = True

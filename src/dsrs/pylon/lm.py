@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, cast
 
 from .. import errors
 from ..lm import LM, BaseLM
@@ -68,8 +68,8 @@ class PylonLM(BaseLM):
         return ("relays", "bid_msats", "budget", "wallet", "auto_pay", "fee_cap_msats", "provider_pubkey", "keys",
                 "fresh_keys", "swarm_budget", "backend", "model", "swarm_model", "local_timeout", "swarm_fallback", "fallback_on")  # fmt: skip
 
-    @property  # type: ignore[override]
-    def model(self) -> str:
+    @property
+    def model(self) -> str:  # type: ignore[override]
         if self.mode == "swarm":
             return str(self._opts.get("model") or "")
         kind = self._local_kind()
@@ -284,7 +284,7 @@ class _Hybrid:
         return await sw.complete(req)
 
     async def stream(self, req: Request) -> AsyncIterator[str | Completion]:
-        agen = self.local.stream(req).__aiter__()
+        agen = cast("AsyncGenerator[str | Completion, None]", self.local.stream(req))  # an async generator
         try:
             first = await asyncio.wait_for(agen.__anext__(), self.timeout)
         except BaseException as e:

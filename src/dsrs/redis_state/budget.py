@@ -207,6 +207,7 @@ class RedisBudget(Budget):
             raise ConfigurationError(f"lease_s must be positive, got {lease_s!r}")
         super().__init__(limit_msats, name=name, **kw)
         self.state = state
+        self._errors: tuple[type[BaseException], ...] = (_Lost, *state.errors)  # Redis lost or unreachable
         self.on_down = on_down
         if outage_msats is None:
             outage_msats = limit_msats // 10 if on_down == "local" else 0
@@ -235,7 +236,7 @@ class RedisBudget(Budget):
         try:
             self._sync_local()
             raw = self.state.call(lambda: self.state.client.hgetall(self._keys[0]))
-        except (_Lost, *self.state.errors):
+        except self._errors:
             return dict(self._last)
         epoch = raw.get("epoch")
         with self._sync_lock:  # the check the scripts make (a script says why, at the next booking)
@@ -379,7 +380,7 @@ class RedisBudget(Budget):
             self._sync_local()
             verdict, n = self._run("budget_reserve", _RESERVE,
                                    [amount, int(unpriced), int(self.allow_unpriced), int(self.soft), rid])  # fmt: skip
-        except (_Lost, *self.state.errors) as e:
+        except self._errors as e:
             if self.on_down == "local":
                 return self._reserve_local(worst_case_msats)
             lost = isinstance(e, _Lost)
@@ -410,6 +411,6 @@ class RedisBudget(Budget):
             return
         try:
             self._sync_local()  # this settle goes with whatever else Redis has not booked yet
-        except (_Lost, *self.state.errors):
+        except self._errors:
             log.warning("budget %r: could not book a settle of %d msats in Redis; kept until it answers",
                         self.name, r.amount)  # fmt: skip
