@@ -201,7 +201,8 @@ class RedisCircuit(CircuitBreaker):
     # -- the CircuitBreaker interface ----------------------------------------------------------
     @property
     def closed(self) -> bool:
-        self._look()
+        if self._alone or self.clock() >= self._fresh_until:  # the hot path: a clock read and a compare
+            self._look()
         return self._state == CLOSED
 
     @property
@@ -232,8 +233,12 @@ class RedisCircuit(CircuitBreaker):
         return False
 
     def success(self) -> None:
-        if self._state == CLOSED or self._alone:
-            super().success()  # the hot path: nothing to tell Redis
+        if self._state == CLOSED:  # the hot path: nothing to tell Redis (as CircuitBreaker.success)
+            self._consecutive = 0
+            self._window.append(True)
+            return
+        if self._alone:
+            super().success()
             return
         try:
             out = self._run("close", _CLOSE, repr(self.clock()))
