@@ -4,6 +4,7 @@
     python bench/bench_gateway.py --quick    # ~20 s
     python bench/bench_gateway.py --redis    # also: two gateways sharing Redis (budget + ledger + rate limit)
     python bench/bench_gateway.py --litellm  # also: LiteLLM's proxy on the same upstream (its own venv, below)
+    python bench/bench_gateway.py --circuit  # only: a lane circuit's per-call cost, in-process vs shared via Redis
 
 Everything runs on 127.0.0.1: the fast fake upstream (bench/server.py), one or two gateway
 processes (`python -m dsrs.gateway`, a lane `llamacpp/bench` on the fake server, cache off so
@@ -164,6 +165,45 @@ litellm_settings:
     return p, port, path
 
 
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    exe = shutil.which("redis-server") or os.environ.get("DSRS_TEST_REDIS_SERVER")
+    if not exe:
+        raise SystemExit("this needs redis-server on PATH")
+    port = free_port()
+    r = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    wait_port(port, r)
+    return r, f"redis://127.0.0.1:{port}/0"
+
+
+def circuit_cost() -> None:
+    """What a routed call pays for its lane's circuit (`closed` before, `success()` after): the
+    in-process CircuitBreaker vs RedisCircuit (default refresh_s=1: a Redis read at most once a
+    second) vs RedisCircuit reading Redis on every call (refresh_s=0, what the cache avoids)."""
+    import timeit
+
+    from dsrs.lanes import CircuitBreaker
+    from dsrs.redis_state import RedisState
+    from dsrs.redis_state.circuit import RedisCircuit
+
+    r, url = start_redis()
+    try:
+        state = RedisState(url)
+        out = {}
+        for name, c, n in (("in_process", CircuitBreaker(), 200_000), ("redis_refresh_1s", RedisCircuit(state, "a"), 200_000),
+                           ("redis_read_every_call", RedisCircuit(state, "b", refresh_s=0), 20_000)):  # fmt: skip
+            def call(c: Any = c) -> None:
+                c.closed  # noqa: B018 - the check a call makes
+                c.success()
+
+            out[name + "_us"] = round(min(timeit.repeat(call, number=n, repeat=5)) / n * 1e6, 2)
+        out["redis_refresh_1s_vs_in_process"] = round(out["redis_refresh_1s_us"] / out["in_process_us"], 2)
+        out["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        print(json.dumps(out, indent=1))
+    finally:
+        stop(r)
+
+
 def proxy(upstream: int, port: int) -> None:
     """The reference: a bare aiohttp pass-through proxy (no auth, no parsing beyond JSON, no accounting)."""
     import aiohttp
@@ -276,10 +316,13 @@ def main() -> None:
     ap.add_argument("--redis", action="store_true", help="also measure two gateways sharing Redis state")
     ap.add_argument("--litellm", action="store_true", help="also measure LiteLLM's proxy on the same upstream")
     ap.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV, help="LiteLLM's own venv (created if missing)")
+    ap.add_argument("--circuit", action="store_true", help="only measure a lane circuit's cost per call")
     ap.add_argument("--proxy", nargs=2, type=int, metavar=("UPSTREAM", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.proxy:
         return proxy(*args.proxy)
+    if args.circuit:
+        return circuit_cost()
     n, secs = (1000, 2.0) if args.quick else (3000, 4.0)
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr)
     lexe = litellm_venv(args.litellm_venv) if args.litellm else None
@@ -328,15 +371,8 @@ def main() -> None:
             results["gateway_again_p50_us"], results["gateway_again_p99_us"] = round(pct(g, 0.5)), round(pct(g, 0.99))
             results["c256_one_gateway_again_calls_s"] = round(asyncio.run(throughput(via1, 256, secs)))
         if args.redis:
-            exe = shutil.which("redis-server") or os.environ.get("DSRS_TEST_REDIS_SERVER")
-            if not exe:
-                raise SystemExit("--redis needs redis-server on PATH")
-            rport = free_port()
-            r = subprocess.Popen([exe, "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+            r, url = start_redis()
             procs.append(r)
-            wait_port(rport, r)
-            url = f"redis://127.0.0.1:{rport}/0"
             r1, q1, h1 = start_gateway(up_port, url)
             r2, q2, h2 = start_gateway(up_port, url)
             procs += [r1, r2]
