@@ -115,7 +115,7 @@ class RedisCircuit(CircuitBreaker):
         self._back = threading.Event()  # a ping answered: share again at the next look
 
     def __repr__(self) -> str:
-        return f"RedisCircuit({self.name!r}, {self.state}{', local' if self._alone else ''})"
+        return f"RedisCircuit({self.name!r}, {self._state}{', local' if self._alone else ''})"  # no Redis call
 
     @property
     def shared(self) -> bool:
