@@ -349,7 +349,7 @@ def main() -> None:
         procs.append(px)
         viap = [f"http://127.0.0.1:{pport}/v1/chat/completions"]
         x, xcpu = seq_cpu(viap, n, px.pid)
-        results["bare_aiohttp_proxy_p50_us"] = round(pct(x, 0.5))
+        results["bare_aiohttp_proxy_p50_us"], results["bare_aiohttp_proxy_p99_us"] = round(pct(x, 0.5)), round(pct(x, 0.99))
         results["bare_aiohttp_proxy_cpu_us_per_call"] = round(xcpu)
         results["c256_direct_calls_s"] = round(asyncio.run(throughput(direct, 256, secs)))
         results["c256_bare_aiohttp_proxy_calls_s"] = round(asyncio.run(throughput(viap, 256, secs)))
@@ -400,34 +400,38 @@ def main() -> None:
 
 
 def versus_litellm(r: dict[str, Any]) -> str:
-    """The gateway against LiteLLM's proxy. The gateway was measured twice (before and after
-    LiteLLM, each time with direct calls just before): its better round counts, and LiteLLM's
-    added latency is over the mean of the two direct rounds."""
-    rounds = [("direct_p50_us", "direct_p99_us", "gateway_p50_us", "gateway_p99_us"),
-              ("direct_again_p50_us", "direct_again_p99_us", "gateway_again_p50_us", "gateway_again_p99_us")]
-    g50 = min(r[g] - r[d] for d, _, g, _ in rounds)
-    g99 = min(r[g] - r[d] for _, d, _, g in rounds)
+    """The gateway against LiteLLM's proxy. Direct calls and the gateway were measured twice (before
+    and after LiteLLM): added latency is over the mean of the two direct rounds, for the gateway's
+    better round (lower p50) and for LiteLLM alike."""
     d50 = (r["direct_p50_us"] + r["direct_again_p50_us"]) / 2
     d99 = (r["direct_p99_us"] + r["direct_again_p99_us"]) / 2
+    best = min(("gateway_", "gateway_again_"), key=lambda k: r[k + "p50_us"])
+    g50, g99 = round(r[best + "p50_us"] - d50), round(r[best + "p99_us"] - d99)
     gtp = max(r["c256_one_gateway_calls_s"], r["c256_one_gateway_again_calls_s"])
     l50, l99, ltp = round(r["litellm_p50_us"] - d50), round(r["litellm_p99_us"] - d99), r["c256_litellm_calls_s"]
     gcpu, lcpu = min(r["gateway_cpu_us_per_call"], r["gateway_again_cpu_us_per_call"]), r["litellm_cpu_us_per_call"]
+
     def met(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
+    x50 = round(r["bare_aiohttp_proxy_p50_us"] - d50)
+    x99 = round(r["bare_aiohttp_proxy_p99_us"] - d99) if "bare_aiohttp_proxy_p99_us" in r else "-"
+    xcpu = r["bare_aiohttp_proxy_cpu_us_per_call"]
     rows = [
-        ("added latency p50 over direct, µs", g50, l50, f"<= 500 µs: {met(g50 <= 500)}"),
-        ("added latency p99 over direct, µs", g99, l99, ""),
-        ("calls/s at c=256, one process", gtp, ltp, f">= 5x LiteLLM: {met(gtp >= 5 * ltp)}"),
-        ("proxy CPU per call (sequential), µs", gcpu, lcpu, ""),
-        ("calls per CPU-second (1e6 / CPU per call)", round(1e6 / gcpu), round(1e6 / lcpu),
+        ("added latency p50 over direct, µs", g50, l50, x50, f"<= 500 µs: {met(g50 <= 500)}"),
+        ("added latency p99 over direct, µs", g99, l99, x99, ""),
+        ("calls/s at c=256, one process", gtp, ltp, r["c256_bare_aiohttp_proxy_calls_s"],
+         f">= 5x LiteLLM: {met(gtp >= 5 * ltp)}"),
+        ("proxy CPU per call (sequential), µs", gcpu, lcpu, xcpu, ""),
+        ("calls per CPU-second (1e6 / CPU per call)", round(1e6 / gcpu), round(1e6 / lcpu), round(1e6 / xcpu),
          f">= 5x LiteLLM: {met(lcpu >= 5 * gcpu)}"),
     ]
     out = [f"direct: p50 {d50:.0f} µs, p99 {d99:.0f} µs (mean of two rounds), c=256 {r['c256_direct_calls_s']} calls/s",
-           "| metric | dsrs gateway | LiteLLM proxy | gateway / LiteLLM | target |", "| --- | --: | --: | --: | --- |"]
-    for name, a, b, target in rows:
+           "| metric | dsrs gateway | LiteLLM proxy | gateway / LiteLLM | bare aiohttp proxy (floor) | target |",
+           "| --- | --: | --: | --: | --: | --- |"]
+    for name, a, b, x, target in rows:
         ratio = f"{a / b:.2f}x" if b else "-"
-        out.append(f"| {name} | {a:,} | {b:,} | {ratio} | {target} |")
+        out.append(f"| {name} | {a:,} | {b:,} | {ratio} | {x if isinstance(x, str) else format(x, ',')} | {target} |")
     return "\n".join(out)
 
 
