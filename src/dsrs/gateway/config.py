@@ -24,6 +24,14 @@ on_down = "fail_closed"        # budgets while Redis is unreachable or has lost 
                                # run Redis with appendonly yes (appendfsync always): a Redis that restarts
                                # empty is refused until the books are restored (RedisBudget.restore)
 cache_ttl_s = 604800
+                               # with [redis], lane circuits are shared too: a lane that one process opens
+                               # is open for all (dsrs.redis_state.circuit; [circuit] shared = false: not)
+
+[circuit]                      # the circuit breaker of each lane of a multi-lane model (LaneMux)
+failures = 5                   # consecutive failures (in one process) that open the lane
+cooldown_s = 30                # how long it stays open before one probe call may try it
+shared = true                  # through Redis when [redis] is set (else each process has its own)
+refresh_s = 1.0                # shared: how old this process's view of the shared state may get
 
 [cache]
 enabled = true                 # the answer cache (Redis when configured, else the SQLite cache)
@@ -116,6 +124,14 @@ class KeyConfig:
 
 
 @dataclass(frozen=True)
+class CircuitConfig:
+    failures: int = 5
+    cooldown_s: float = 30.0
+    shared: bool = True
+    refresh_s: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
     port: int = 8088
@@ -131,6 +147,7 @@ class Config:
     on_down: str = "fail_closed"
     cache_ttl_s: int | None = 7 * 24 * 3600
     cache: bool = True
+    circuit: CircuitConfig = field(default_factory=CircuitConfig)
     lanes: dict[str, LaneConfig] = field(default_factory=dict)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     budgets: dict[str, BudgetConfig] = field(default_factory=dict)
@@ -177,7 +194,7 @@ def key_hash(key: str) -> str:
 
 def parse(doc: dict[str, Any], env: dict[str, str] | None = None) -> Config:
     env = dict(os.environ) if env is None else env
-    _only(doc, "top level", ("gateway", "redis", "cache", "lanes", "models", "budgets", "keys"))
+    _only(doc, "top level", ("gateway", "redis", "cache", "circuit", "lanes", "models", "budgets", "keys"))
     g = _table(doc.get("gateway"), "[gateway]")
     _only(g, "[gateway]", ("host", "port", "require_keys", "max_body_bytes", "budget", "admin_key_env",
                            "admin_key_sha256", "public_metrics", "header_timeout_s", "body_timeout_s",
@@ -186,6 +203,7 @@ def parse(doc: dict[str, Any], env: dict[str, str] | None = None) -> Config:
     _only(r, "[redis]", ("url", "url_env", "on_down", "cache_ttl_s"))
     c = _table(doc.get("cache"), "[cache]")
     _only(c, "[cache]", ("enabled",))
+    circuit = _circuit(_table(doc.get("circuit"), "[circuit]"))
 
     budgets: dict[str, BudgetConfig] = {}
     for n, b in _table(doc.get("budgets"), "[budgets]").items():
@@ -303,9 +321,24 @@ def parse(doc: dict[str, Any], env: dict[str, str] | None = None) -> Config:
         public_metrics=bool(_typed(g, "public_metrics", bool, "[gateway]", False)), **timeouts,
         max_connections_per_client=per_client, redis_url=url, on_down=on_down,
         cache_ttl_s=_typed(r, "cache_ttl_s", int, "[redis]", 7 * 24 * 3600),
-        cache=bool(_typed(c, "enabled", bool, "[cache]", True)), lanes=lanes, models=models, budgets=budgets,
+        cache=bool(_typed(c, "enabled", bool, "[cache]", True)), circuit=circuit, lanes=lanes, models=models, budgets=budgets,
         keys=keys,
     )  # fmt: skip
+
+
+def _circuit(t: dict[str, Any]) -> CircuitConfig:
+    where = "[circuit]"
+    _only(t, where, ("failures", "cooldown_s", "shared", "refresh_s"))
+    failures = _typed(t, "failures", int, where, 5)
+    if failures < 1:
+        raise _err(where, "failures must be at least 1")
+    out = {}
+    for name, default in (("cooldown_s", 30.0), ("refresh_s", 1.0)):
+        v = _typed(t, name, (int, float), where, default)
+        if isinstance(v, bool) or not 0 < v <= 86400:
+            raise _err(where, f"{name} must be a number of seconds in (0, 86400]")
+        out[name] = float(v)
+    return CircuitConfig(failures, shared=bool(_typed(t, "shared", bool, where, True)), **out)
 
 
 def load(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:

@@ -39,6 +39,7 @@ class Runtime:
         self.budgets: dict[str, Budget] = {n: self._budget(b) for n, b in cfg.budgets.items()}
         self.cache = self._cache()
         self.lanes: dict[str, Any] = {n: self._lane(lc) for n, lc in cfg.lanes.items()}
+        self._circuits: dict[str, Any] = {}  # lane name -> its circuit breaker (multi-lane models)
         self.routes: dict[str, Route] = {n: Route(n, self.lanes[n], n) for n in cfg.lanes}
         for n, m in cfg.models.items():
             if len(m.lanes) == 1:
@@ -121,8 +122,25 @@ class Runtime:
         mux = LaneMux(policy=policy)
         for n in lanes:
             lc = self.cfg.lanes[n]
-            mux = mux.add_lane(n, self.lanes[n], **lc.hints)
+            mux = mux.add_lane(n, self.lanes[n], circuit=self._circuit(n), **lc.hints)
         return mux
+
+    def _circuit(self, lane: str) -> Any:
+        """The lane's circuit breaker, one per lane (a lane in several models is one circuit): shared
+        through Redis by every gateway process when [redis] is set, else this process's own."""
+        cb = self._circuits.get(lane)
+        if cb is None:
+            c = self.cfg.circuit
+            if self.redis is not None and c.shared:
+                from ..redis_state.circuit import RedisCircuit
+
+                cb = RedisCircuit(self.redis, lane, failures=c.failures, cooldown_s=c.cooldown_s, refresh_s=c.refresh_s)
+            else:
+                from ..lanes import CircuitBreaker
+
+                cb = CircuitBreaker(failures=c.failures, cooldown_s=c.cooldown_s)
+            self._circuits[lane] = cb
+        return cb
 
     # -- per request ------------------------------------------------------------------------
     def client(self, authorization: str | None) -> KeyConfig | None:

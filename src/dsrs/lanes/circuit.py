@@ -3,6 +3,8 @@
 closed --(N consecutive failures, or failure rate over a window)--> open --(cooldown)--> half-open;
 half-open lets `probes` calls through: a success closes the circuit, a failure opens it again.
 The clock is injectable (tests); state is guarded by a lock (sync callers may share a mux across threads).
+This breaker is one process's; `dsrs.redis_state.circuit.RedisCircuit` is the same breaker shared by
+several processes through Redis (what the gateway uses when it has `[redis]`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ trip) and whether Redis answered last time. Everything else takes a `RedisState`
 - `RateLimiter`: requests per minute per name (fixed one-minute windows, `INCR` + `EXPIRE`);
   Redis down: counted in this process instead.
 - `RedisLedger`: the usage ledger (`ledger.Ledger`'s record/rows/summary) on a Redis stream.
+- `circuit.RedisCircuit` (import it from its module; it needs `dsrs.lanes`): a lane's circuit
+  breaker shared by every process: a lane one opens is open for all, half-open lets one probe
+  through across processes, recovery closes it everywhere; Redis is read at most once per
+  `refresh_s` and written only on transitions. Redis down: this process's own breaker.
 
 Secrets never go to Redis: client keys are stored by their configured name only.
 """
