@@ -236,6 +236,7 @@ class Provider:
         self.payments = Payments(wallet, notifications=notifications, rate=poll_rate) if wallet is not None else None
         self.served = 0
         self.pending = 0  # jobs quoted (or being quoted) and not yet paid or given up
+        self.pending_peak = 0
         self.busy = 0  # jobs turned away because `max_pending` were waiting
         self._sem = asyncio.Semaphore(max_jobs)
         self._invoicing = asyncio.Semaphore(4)  # make_invoice requests in flight (each is a wallet subscription)
@@ -324,6 +325,7 @@ class Provider:
                     self.busy += 1
                     return await self._feedback(job, "error", f"busy: {self.pending} jobs await payment; try again later")
                 self.pending += 1
+                self.pending_peak = max(self.pending_peak, self.pending)
                 try:
                     paid_hash = await self._get_paid(job)
                 finally:
