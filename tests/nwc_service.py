@@ -100,8 +100,9 @@ class WalletService:
     def uri(self, acct: Account) -> str:
         return f"nostr+walletconnect://{self.keys.pubkey}?relay={self.relay_url}&secret={acct.keys.secret.hex()}"
 
-    def count(self, method: str) -> int:
-        return sum(1 for r in self.requests if r.get("method") == method)
+    def count(self, method: str, acct: Account | None = None) -> int:
+        """Requests for `method` (from `acct`'s connection only, when given)."""
+        return sum(1 for r in self.requests if r.get("method") == method and (acct is None or r["client"] == acct.keys.pubkey))
 
     async def start(self) -> None:
         tags = [] if self.nip04_only else [["encryption", "nip44_v2 nip04"]]
@@ -132,7 +133,7 @@ class WalletService:
             req = json.loads(nip44.decrypt(ev.content, ck))
         else:
             req = json.loads(nip04.decrypt(ev.content, self.keys, ev.pubkey))
-        self.requests.append({**req, "encryption": enc})
+        self.requests.append({**req, "encryption": enc, "client": ev.pubkey})
         method, params = req["method"], req.get("params", {})
         error = result = None
         if method == "pay_invoice":

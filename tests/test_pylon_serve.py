@@ -57,7 +57,7 @@ async def test_paid_job_on_embedded_gemma(net: Net) -> None:
     assert json.loads(dict((t[0], t[1]) for t in res["tags"])["request"])["id"] == job["id"]
     assert ["param", "max_tokens", "4"] in job["tags"]
     methods = [r["method"] for r in net.service.requests]
-    assert methods.count("make_invoice") == 1 and methods.count("pay_invoice") == 1
+    assert methods.count("pay_invoice") == 1 and 1 <= methods.count("make_invoice") <= 1 + prov.invoice_stock
     assert "lookup_invoice" not in methods and prov.payments.notified  # seen by the wallet's notification
 
 

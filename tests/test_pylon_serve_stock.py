@@ -133,21 +133,23 @@ async def test_concurrent_paid_jobs_all_delivered_through_the_stock_relay(stock_
     assert prov is not None and prov.payments is not None
     assert prov.served == 52 and prov.busy == 0
     assert prov.payments.notified and prov.payments.lookups == 0
-    assert stock_net.service.count("lookup_invoice") == 0  # payments seen by notification, never polled
-    assert stock_net.service.count("make_invoice") == 52 == stock_net.service.count("pay_invoice")
+    svc, me = stock_net.service, pt.acct  # the provider's wallet connection
+    assert svc.count("lookup_invoice", me) == 0  # payments seen by notification, never polled
+    assert svc.count("pay_invoice") == 52
+    assert 52 <= svc.count("make_invoice", me) <= 52 + prov.invoice_stock + prov.invoice_failures  # + made ahead
 
 
 async def test_unpaid_spam_costs_the_wallet_a_bounded_number_of_requests(stock_net: Net, scripted: Any) -> None:
     """200 jobs nobody pays: never more than max_pending invoices waiting, every other job hears 'busy'
     with no wallet request, each expired quote costs one last lookup; then paying customers are served."""
-    pt = ProviderThread(stock_net, model(scripted), max_pending=16, payment_timeout=10)
+    pt = ProviderThread(stock_net, model(scripted), max_pending=16, payment_timeout=10, invoice_stock=0)
     prov = await pt.start()
     spammer = Keys.generate()
     relay = Relay(stock_net.relay.url, spammer)
     feedback = await relay.subscribe([{"kinds": [7000], "#p": [spammer.pubkey]}])
     try:
-        await asyncio.gather(*(relay.publish(sign(spammer, 5050, "", [["i", f"spam {i}", "text"], ["bid", "5000"]]))
-                               for i in range(200)))  # fmt: skip
+        for i in range(200):
+            await relay.publish(sign(spammer, 5050, "", [["i", f"spam {i}", "text"], ["bid", "5000"]]), timeout=30)
         statuses: dict[str, str] = {}
         while len(statuses) < 200:  # every spam job is answered: quoted, or busy
             ev = await feedback.next(120)
@@ -160,14 +162,16 @@ async def test_unpaid_spam_costs_the_wallet_a_bounded_number_of_requests(stock_n
         assert prov.pending_peak == 16  # never more invoices waiting than the cap
         while prov.pending:  # the spam's invoices expire (payment_timeout)
             await asyncio.sleep(0.1)
-        assert stock_net.service.count("make_invoice") == quoted
-        assert stock_net.service.count("lookup_invoice") == quoted  # one last look at each expired quote
+        svc, me = stock_net.service, pt.acct  # the provider's wallet connection
+        assert svc.count("make_invoice", me) == quoted  # nothing for the busy ones
+        assert svc.count("lookup_invoice", me) == quoted  # one last look at each expired quote
         await paid_round(stock_net, pt, 8)
     finally:
         await relay.close()
         await pt.stop()
     assert stock_net.paid() == 8 * PRICE and prov.served == 8
-    assert len(stock_net.service.requests) == 2 * quoted + 2 * 8  # nothing else: no polling
+    assert svc.count("lookup_invoice", me) == quoted and svc.count("make_invoice", me) == quoted + 8
+    assert sum(1 for r in svc.requests if r["client"] == me.keys.pubkey) == 2 * quoted + 8  # nothing else: no polling
 
 
 async def test_without_notifications_one_shared_poll(stock: StockRelay, scripted: Any) -> None:
@@ -183,7 +187,7 @@ async def test_without_notifications_one_shared_poll(stock: StockRelay, scripted
         await stop_net(net)
     assert prov.payments is not None and not prov.payments.notified
     assert net.service.notified == [] and prov.served == 16
-    assert 16 <= net.service.count("lookup_invoice") == prov.payments.lookups
+    assert 16 <= net.service.count("lookup_invoice", pt.acct) == prov.payments.lookups
 
 
 async def test_max_tokens_over_the_result_limit_is_refused_before_quoting(stock_net: Net, scripted: Any) -> None:
@@ -195,7 +199,7 @@ async def test_max_tokens_over_the_result_limit_is_refused_before_quoting(stock_
     finally:
         await pt.stop()
     assert "max_tokens 2000 could exceed the 4096-character result limit" in str(e.value)
-    assert stock_net.paid() == 0 and stock_net.service.requests == []  # no invoice was made
+    assert stock_net.paid() == 0 and stock_net.service.count("pay_invoice") == 0  # nothing was quoted
 
 
 async def test_a_result_over_the_relays_limit_reaches_the_customer_cut(tmp_path: Any, scripted: Any) -> None:

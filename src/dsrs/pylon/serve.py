@@ -7,9 +7,11 @@ jobs whose bid is under the price. Only running the LM takes one of the `max_job
 
 Under load: at most `max_pending` jobs (default 64) wait for a payment at once; a job beyond that
 hears 7000 `error` "busy: ..." before any invoice is made, so spam costs the wallet at most one
-make_invoice per pending slot. An invoice expires when its wait ends (`payment_timeout`, default
-120 s), so no payment can arrive for a job no longer waited for; one last lookup_invoice then
-catches a payment whose notification was lost. Payments are seen from the wallet's NIP-47
+make_invoice per pending slot. A quote waits for its payment until its invoice expires (at least
+`payment_timeout`, default 120 s), so no payment can arrive for a job no longer waited for; one
+last lookup_invoice then catches a payment whose notification was lost. `invoice_stock` invoices
+(default 2) are made ahead, so a quote goes out without a wallet round trip; each lives
+payment_timeout + 60 s and is quoted only while at least payment_timeout of it is left. Payments are seen from the wallet's NIP-47
 `payment_received` notifications when its info event offers them (one subscription, no polling);
 otherwise one shared poll looks invoices up with backoff, at most `poll_rate` lookups per second
 in all, however many jobs wait.
@@ -38,7 +40,7 @@ import math
 import os
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 from ..errors import DsrsError
@@ -53,6 +55,7 @@ CHARS_PER_TOKEN = 4  # how many characters a token of max_tokens may take in a r
 MAX_RESULT_CHARS = 4096  # stock nostr-relay's content limit, the smallest common one
 POLL_FIRST_S, POLL_MAX_S = 0.05, 5.0  # first lookup of an invoice, longest pause between lookups of it
 LOOKUP_TIMEOUT_S = 5.0
+STOCK_HORIZON_S = 60.0  # an invoice made ahead lives this much longer than payment_timeout
 log = logging.getLogger("dsrs.pylon.serve")
 _LOCAL = {"embedded": "embedded/gemma-3-270m", "llama.cpp": "llamacpp/default", "llamacpp": "llamacpp/default",
           "ollama": "ollama/llama3.2"}  # fmt: skip
@@ -216,13 +219,13 @@ class Provider:
     def __init__(self, lm: Any, relays: list[str] | tuple[str, ...], *, price_msats: int, wallet: Wallet | None,
                  keys: Keys | None = None, name: str = "dsrs pylon", payment_timeout: float = 120.0,
                  max_jobs: int = 4, max_pending: int = 64, max_result_chars: int = MAX_RESULT_CHARS,
-                 notifications: bool = True, poll_rate: float = 10.0) -> None:  # fmt: skip
+                 notifications: bool = True, poll_rate: float = 10.0, invoice_stock: int = 2) -> None:  # fmt: skip
         if price_msats > 0 and wallet is None:
             raise DsrsError("a priced provider needs a wallet to issue invoices", provider="pylon",
                             hint="pass --nwc nostr+walletconnect://... (or PYLON_NWC_URI), or --price-msats 0")  # fmt: skip
-        if max_pending < 1 or max_jobs < 1 or max_result_chars < 1 or poll_rate <= 0 or payment_timeout <= 0:
-            raise DsrsError("max_pending, max_jobs, max_result_chars, poll_rate and payment_timeout must be positive",
-                            provider="pylon")  # fmt: skip
+        if max_pending < 1 or max_jobs < 1 or max_result_chars < 1 or poll_rate <= 0 or payment_timeout <= 0 or invoice_stock < 0:
+            raise DsrsError("max_pending, max_jobs, max_result_chars, poll_rate and payment_timeout must be positive "
+                            "(invoice_stock zero or more)", provider="pylon")  # fmt: skip
         self.lm = lm
         self.relays = tuple(relays)
         self.price_msats = price_msats
@@ -240,6 +243,10 @@ class Provider:
         self.busy = 0  # jobs turned away because `max_pending` were waiting
         self._sem = asyncio.Semaphore(max_jobs)
         self._invoicing = asyncio.Semaphore(4)  # make_invoice requests in flight (each is a wallet subscription)
+        self.invoice_stock = invoice_stock if price_msats > 0 and wallet is not None else 0
+        self._stock: deque[tuple[str, int]] = deque()  # invoices made ahead: (invoice, expires at)
+        self._making = 0
+        self.invoice_failures = 0  # invoices asked for ahead that the wallet did not deliver
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -253,6 +260,7 @@ class Provider:
         self.result_chars = min([self.max_result_chars, *limits])
         if self.payments is not None and self.price_msats > 0:
             await self.payments.start()
+            await self._refill()
         pool = pools.pool(self.relays, self.keys)
         about = {"name": self.name, "about": f"text generation, {self.price_msats} msats per job"}
         tags = [["d", f"dsrs-{self.pubkey[:16]}"], ["k", str(JOB)]]
@@ -373,12 +381,43 @@ class Provider:
         with contextlib.suppress(Exception):
             await self._feedback(job, "error", msg)
 
-    async def _get_paid(self, job: Event) -> str:
-        """Quote the job and wait for its payment: the payment hash when paid, else ''."""
-        assert self.wallet is not None and self.payments is not None
-        expiry = max(1, math.ceil(self.payment_timeout))  # the invoice dies when the wait ends
+    async def _make_invoice(self, expiry: int) -> str:
+        assert self.wallet is not None
         async with self._invoicing:
-            invoice = await self.wallet.make_invoice(self.price_msats, f"dsrs job {job.id[:16]}", expiry)
+            return await self.wallet.make_invoice(self.price_msats, "dsrs pylon job", expiry)
+
+    async def _refill(self) -> None:
+        """Keep `invoice_stock` invoices made ahead (a quote then needs no wallet round trip). Each lives
+        payment_timeout + STOCK_HORIZON_S; one with less than payment_timeout left is never quoted."""
+        while len(self._stock) + self._making < self.invoice_stock:
+            self._making += 1
+            try:
+                inv = await self._make_invoice(math.ceil(self.payment_timeout + STOCK_HORIZON_S))
+                self._stock.append((inv, bolt11.decode(inv).expires_at))
+            except Exception as e:  # noqa: BLE001 - the next quote makes its own
+                self.invoice_failures += 1
+                log.info("could not make an invoice ahead (%s)", getattr(e, "code", None) or type(e).__name__)
+                return
+            finally:
+                self._making -= 1
+
+    async def _invoice(self) -> tuple[str, float]:
+        """An invoice for the price and when it expires (unix time): one made ahead, else a new one."""
+        try:
+            while self._stock:
+                inv, expires_at = self._stock.popleft()
+                if expires_at - time.time() >= self.payment_timeout:
+                    return inv, expires_at
+            inv = await self._make_invoice(max(1, math.ceil(self.payment_timeout)))
+            return inv, bolt11.decode(inv).expires_at
+        finally:
+            if self.invoice_stock:
+                self._spawn(self._refill())
+
+    async def _get_paid(self, job: Event) -> str:
+        """Quote the job and wait for its payment until the invoice expires: the payment hash when paid, else ''."""
+        assert self.payments is not None
+        invoice, expires_at = await self._invoice()
         ph = bolt11.decode(invoice).payment_hash
         paid = self.payments.watch(ph)
         try:
@@ -387,7 +426,7 @@ class Provider:
             except DsrsError as e:  # it may have reached the customer: the wait goes on
                 log.info("job %s: the quote was not confirmed by the relays (%s)", job.id[:12], e.message[:200])
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(paid), self.payment_timeout)
+                await asyncio.wait_for(asyncio.shield(paid), max(0.0, expires_at - time.time()))
             if (paid.done() and paid.result()) or await self.payments.check(ph):  # the last look: a lost notice
                 return ph
         finally:
@@ -425,6 +464,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a quote waits for its payment; the invoice expires then (default 120)")
     p.add_argument("--max-result-chars", type=int, default=MAX_RESULT_CHARS,
                    help="longest result the relays take (default 4096; a relay's NIP-11 limit lowers it)")
+    p.add_argument("--invoice-stock", type=int, default=2,
+                   help="invoices made ahead so that a quote needs no wallet round trip (default 2; 0: none)")
     p.add_argument("--poll-rate", type=float, default=10.0,
                    help="lookup_invoice calls per second in all, when the wallet sends no notifications (default 10)")
     return p
@@ -439,7 +480,7 @@ async def serve(args: argparse.Namespace, ready: Any = None) -> None:
     prov = Provider(lm_for(args.backend, args.model, args.base_url), relays, price_msats=args.price_msats, wallet=wallet,
                     keys=Keys.from_env(), name=args.name, max_jobs=args.max_jobs, max_pending=args.max_pending,
                     payment_timeout=args.payment_timeout, max_result_chars=args.max_result_chars,
-                    poll_rate=args.poll_rate)  # fmt: skip
+                    poll_rate=args.poll_rate, invoice_stock=args.invoice_stock)  # fmt: skip
     await prov.start()
     print(f"serving as {prov.keys.npub} on {', '.join(relays)} at {args.price_msats} msats per job", flush=True)
     if ready is not None:
