@@ -5,10 +5,12 @@
 The customer is a `PylonLM.new_swarm(...)` client with an NWC wallet; the provider is
 `python -m dsrs.pylon.serve` in its own process, selling `openai/bench` backed by bench/server.py
 (the fast fake OpenAI server, its own process: model time ~0); the NIP-47 wallet service
-(tests/nwc_service.py, payment_received notifications on) runs beside the customer. Each job:
+(tests/nwc_service.py, payment_received notifications on) runs in its own process. Each job:
 publish the 5050, get the quote (make_invoice by the provider's wallet), pay it (pay_invoice), the
 provider sees the payment (notification), runs the model and publishes the 6050; the client
 checks it and publishes its kind-5 cancel. Timed: `await lm.acall(...)`, jobs one after another.
+Four processes besides the relay: the customer (this one), the provider, the wallet service,
+the model server.
 
 Relays, in the same run: PyPI nostr-relay 1.14 (unmodified, its own config.yaml's storage options:
 validators, 2 concurrent writes; SQLite on disk; DSRS_TEST_NOSTR_RELAY or --nostr-relay, as
@@ -123,13 +125,30 @@ async def echo(url: str, n: int) -> list[float]:
     return out
 
 
-async def round_trips(name: str, relay_url: str, model_url: str, jobs: int, warmup: int) -> dict[str, Any]:
+async def wallet_main(relay_url: str) -> None:
+    """`--wallet-service URL`: the NIP-47 wallet service in its own process (as a real one would be).
+    Prints the payer's and the payee's URIs, serves until stdin closes, then prints its books."""
     ledger = Ledger()
     svc = WalletService(relay_url, ledger)
     await svc.start()
     payer, payee = ledger.open(10**9), ledger.open(0)
-    prov = await start_provider(relay_url, svc.uri(payee), model_url)
-    lm = (PylonLM.new_swarm(relay_url).with_wallet(NwcWallet(svc.uri(payer), timeout=10)).with_budget_msats(10**9)
+    print(svc.uri(payer), svc.uri(payee), sep="\n", flush=True)
+    await asyncio.to_thread(sys.stdin.read)
+    books = {"paid": ledger.paid_total(payer), "received": payee.balance_msats,
+             "provider_lookups": svc.count("lookup_invoice", payee), "make_invoice": svc.count("make_invoice", payee)}  # fmt: skip
+    print(json.dumps(books), flush=True)
+    await svc.stop()
+
+
+async def round_trips(name: str, relay_url: str, model_url: str, jobs: int, warmup: int) -> dict[str, Any]:
+    wallet = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--wallet-service", relay_url, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")})  # fmt: skip
+    assert wallet.stdout is not None and wallet.stdin is not None
+    payer_uri = (await wallet.stdout.readline()).decode().strip()
+    payee_uri = (await wallet.stdout.readline()).decode().strip()
+    prov = await start_provider(relay_url, payee_uri, model_url)
+    lm = (PylonLM.new_swarm(relay_url).with_wallet(NwcWallet(payer_uri, timeout=10)).with_budget_msats(10**9)
           .with_bid_msats(5000).with_timeout(30).with_max_tokens(16))  # fmt: skip
     times = []
     try:
@@ -145,10 +164,11 @@ async def round_trips(name: str, relay_url: str, model_url: str, jobs: int, warm
         prov.terminate()
         await prov.wait()
         await pools.aclose()
-        await svc.stop()
-    assert ledger.paid_total(payer) == payee.balance_msats == (warmup + jobs) * PRICE
-    lookups = sum(1 for r in svc.requests if r["method"] == "lookup_invoice")
-    return {"name": name, "times": times, "echo": hops, "lookups": lookups}
+        wallet.stdin.close()
+        books = json.loads((await wallet.stdout.readline()) or b"{}")
+        await wallet.wait()
+    assert books["paid"] == books["received"] == (warmup + jobs) * PRICE, books
+    return {"name": name, "times": times, "echo": hops, "lookups": books["provider_lookups"]}
 
 
 async def direct_model(model_url: str, n: int = 30) -> list[float]:
@@ -165,9 +185,12 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--wallet-service", metavar="RELAY_URL", help=argparse.SUPPRESS)
     ap.add_argument("--nostr-relay", default=os.environ.get("DSRS_TEST_NOSTR_RELAY")
                     or os.path.expanduser("~/.cache/dsrs-test/nostr-relay-1.14/bin/nostr-relay"))  # fmt: skip
     args = ap.parse_args()
+    if args.wallet_service:
+        return await wallet_main(args.wallet_service)
     load0 = os.getloadavg()
     model, model_url = start_model()
     work = Path(tempfile.mkdtemp(prefix="bench-pylon-"))

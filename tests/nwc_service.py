@@ -96,6 +96,7 @@ class WalletService:
         self.mute_payments = False  # pay, but never send the answer (the client must look it up)
         self._relay = Relay(relay_url, self.keys)
         self._task: asyncio.Task[None] | None = None
+        self._bg: set[asyncio.Task[None]] = set()
 
     def uri(self, acct: Account) -> str:
         return f"nostr+walletconnect://{self.keys.pubkey}?relay={self.relay_url}&secret={acct.keys.secret.hex()}"
@@ -115,8 +116,9 @@ class WalletService:
         self._task = asyncio.create_task(self._serve(sub))
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for t in [self._task, *self._bg]:
+            if t:
+                t.cancel()
         await self._relay.close()
 
     async def _serve(self, sub: Any) -> None:
@@ -140,8 +142,10 @@ class WalletService:
             if self.hold_payments:
                 return
             r = self.ledger.pay(acct, params["invoice"])
-            if "code" not in r:
-                await self._notify_received(params["invoice"])
+            if "code" not in r:  # told at once, beside the payer's answer (not after it)
+                t = asyncio.create_task(self._notify_received(params["invoice"]))
+                self._bg.add(t)
+                t.add_done_callback(self._bg.discard)
             if self.mute_payments:
                 return
             error, result = (r, None) if "code" in r else (None, r)
@@ -189,9 +193,8 @@ class WalletService:
             "amount": rec["amount"], "fees_paid": 0, "created_at": rec["created_at"], "expires_at": rec["expires_at"],
             "settled_at": rec["settled_at"]}})  # fmt: skip
         to = payee.keys.pubkey
-        out = [(23196, nip04.encrypt(body, self.keys, to), [])]
-        if not self.nip04_only:
-            out.append((23197, nip44.encrypt(body, nip44.conversation_key(self.keys, to)), [["encryption", "nip44_v2"]]))
+        out = [] if self.nip04_only else [(23197, nip44.encrypt(body, nip44.conversation_key(self.keys, to)), [["encryption", "nip44_v2"]])]
+        out.append((23196, nip04.encrypt(body, self.keys, to), []))
         for kind, content, extra in out:
             self.notified.append({"kind": kind, "to": to, "payment_hash": ph})
             await self._relay.publish(sign(self.keys, kind, content, [["p", to], *extra]))

@@ -52,7 +52,7 @@ async def test_paid_job_on_embedded_gemma(net: Net) -> None:
     assert ["k", "5050"] in ann["tags"] and ann["pubkey"] == prov.pubkey
     job = net.relay.published(5050)[0]
     statuses = [e["tags"][0][1] for e in net.relay.published(7000) if e["pubkey"] == prov.pubkey]
-    assert statuses == ["payment-required", "processing"]
+    assert statuses in (["payment-required", "processing"], ["payment-required"])  # processing: a model slower than 0.25 s
     (res,) = net.relay.published(6050)
     assert json.loads(dict((t[0], t[1]) for t in res["tags"])["request"])["id"] == job["id"]
     assert ["param", "max_tokens", "4"] in job["tags"]

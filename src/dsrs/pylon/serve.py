@@ -55,6 +55,7 @@ CHARS_PER_TOKEN = 4  # how many characters a token of max_tokens may take in a r
 MAX_RESULT_CHARS = 4096  # stock nostr-relay's content limit, the smallest common one
 POLL_FIRST_S, POLL_MAX_S = 0.05, 5.0  # first lookup of an invoice, longest pause between lookups of it
 LOOKUP_TIMEOUT_S = 5.0
+PROCESSING_AFTER_S = 0.25  # a job still running then gets a 7000 "processing"
 STOCK_HORIZON_S = 60.0  # an invoice made ahead lives this much longer than payment_timeout
 log = logging.getLogger("dsrs.pylon.serve")
 _LOCAL = {"embedded": "embedded/gemma-3-270m", "llama.cpp": "llamacpp/default", "llamacpp": "llamacpp/default",
@@ -305,6 +306,13 @@ class Provider:
         return params
 
     async def _serve(self, job: Event) -> None:
+        try:
+            await self._serve_job(job)
+        finally:
+            if len(self._stock) + self._making < self.invoice_stock:  # made ahead after the job, off its path
+                self._spawn(self._refill())
+
+    async def _serve_job(self, job: Event) -> None:
         target = job.tag_value("p")
         if target and target != self.pubkey:
             return
@@ -341,8 +349,11 @@ class Provider:
                 if not paid_hash:
                     return
             async with self._sem:
-                self._spawn(self._feedback(job, "processing"))  # the answer does not wait for it
-                c = await self.lm.acall(inp[1], **params)
+                call = asyncio.ensure_future(self.lm.acall(inp[1], **params))
+                done, _ = await asyncio.wait({call}, timeout=PROCESSING_AFTER_S)
+                if not done:  # a slow model: tell the customer the job is running
+                    self._spawn(self._feedback(job, "processing"))
+                c = await call
         except Exception as e:  # the customer hears why; the provider keeps serving
             msg = e.message if isinstance(e, DsrsError) else type(e).__name__
             if paid_hash:
@@ -403,16 +414,12 @@ class Provider:
 
     async def _invoice(self) -> tuple[str, float]:
         """An invoice for the price and when it expires (unix time): one made ahead, else a new one."""
-        try:
-            while self._stock:
-                inv, expires_at = self._stock.popleft()
-                if expires_at - time.time() >= self.payment_timeout:
-                    return inv, expires_at
-            inv = await self._make_invoice(max(1, math.ceil(self.payment_timeout)))
-            return inv, bolt11.decode(inv).expires_at
-        finally:
-            if self.invoice_stock:
-                self._spawn(self._refill())
+        while self._stock:
+            inv, expires_at = self._stock.popleft()
+            if expires_at - time.time() >= self.payment_timeout:
+                return inv, expires_at
+        inv = await self._make_invoice(max(1, math.ceil(self.payment_timeout)))
+        return inv, bolt11.decode(inv).expires_at
 
     async def _get_paid(self, job: Event) -> str:
         """Quote the job and wait for its payment until the invoice expires: the payment hash when paid, else ''."""
