@@ -139,6 +139,27 @@ async def test_concurrent_paid_jobs_all_delivered_through_the_stock_relay(stock_
     assert 52 <= svc.count("make_invoice", me) <= 52 + prov.invoice_stock + prov.invoice_failures  # + made ahead
 
 
+async def test_provider_sharing_the_customers_connections(stock_net: Net, scripted: Any) -> None:
+    """The issue's shape: provider and customers on one event loop share its connection to the relay
+    (32 subscriptions at most). Before, each waiting job polled lookup_invoice with a subscription of
+    its own: at 14 concurrent jobs the relay refused subscriptions ('rejected: too many subscriptions'),
+    lookups went unanswered and the provider failed jobs the customers had paid. Now: one notification
+    subscription, quotes from invoices made ahead, every paid job delivered."""
+    prov = Provider(model(scripted), [stock_net.relay.url], price_msats=PRICE, max_jobs=4,
+                    wallet=NwcWallet(stock_net.service.uri(acct := stock_net.ledger.open(0)), timeout=10))  # fmt: skip
+    await prov.start()
+    try:
+        for _ in range(3):
+            before = acct.balance_msats
+            outs = await asyncio.gather(*(customer(stock_net).acall(QUESTION) for _ in range(14)))
+            assert all("Paris" in o.text and o.usage.cost_msats == PRICE for o in outs)
+            assert acct.balance_msats - before == 14 * PRICE
+    finally:
+        await prov.stop()
+    assert prov.served == 42 and stock_net.paid() == 42 * PRICE == acct.balance_msats
+    assert stock_net.service.count("lookup_invoice", acct) == 0
+
+
 async def test_unpaid_spam_costs_the_wallet_a_bounded_number_of_requests(stock_net: Net, scripted: Any) -> None:
     """200 jobs nobody pays: never more than max_pending invoices waiting, every other job hears 'busy'
     with no wallet request, each expired quote costs one last lookup; then paying customers are served."""
