@@ -142,10 +142,8 @@ class WalletService:
             if self.hold_payments:
                 return
             r = self.ledger.pay(acct, params["invoice"])
-            if "code" not in r:  # told at once, beside the payer's answer (not after it)
-                t = asyncio.create_task(self._notify_received(params["invoice"]))
-                self._bg.add(t)
-                t.add_done_callback(self._bg.discard)
+            if "code" not in r:  # the payee is told first (NIP-44 kind), then the payer answered
+                await self._notify_received(params["invoice"])
             if self.mute_payments:
                 return
             error, result = (r, None) if "code" in r else (None, r)
@@ -193,11 +191,15 @@ class WalletService:
             "amount": rec["amount"], "fees_paid": 0, "created_at": rec["created_at"], "expires_at": rec["expires_at"],
             "settled_at": rec["settled_at"]}})  # fmt: skip
         to = payee.keys.pubkey
-        out = [] if self.nip04_only else [(23197, nip44.encrypt(body, nip44.conversation_key(self.keys, to)), [["encryption", "nip44_v2"]])]
-        out.append((23196, nip04.encrypt(body, self.keys, to), []))
-        for kind, content, extra in out:
+        async def send(kind: int, content: str, extra: list[list[str]]) -> None:
             self.notified.append({"kind": kind, "to": to, "payment_hash": ph})
             await self._relay.publish(sign(self.keys, kind, content, [["p", to], *extra]))
+
+        if not self.nip04_only:
+            await send(23197, nip44.encrypt(body, nip44.conversation_key(self.keys, to)), [["encryption", "nip44_v2"]])
+        t = asyncio.create_task(send(23196, nip04.encrypt(body, self.keys, to), []))  # the legacy kind: not awaited
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
 
 
 # -- a whole test network: relay + wallet service + accounts, and a scriptable provider ------------

@@ -10,8 +10,9 @@ hears 7000 `error` "busy: ..." before any invoice is made, so spam costs the wal
 make_invoice per pending slot. A quote waits for its payment until its invoice expires (at least
 `payment_timeout`, default 120 s), so no payment can arrive for a job no longer waited for; one
 last lookup_invoice then catches a payment whose notification was lost. `invoice_stock` invoices
-(default 2) are made ahead, so a quote goes out without a wallet round trip; each lives
-payment_timeout + 60 s and is quoted only while at least payment_timeout of it is left. Payments are seen from the wallet's NIP-47
+(default 4) are made ahead, all at once after a job that used the last one, so a quote goes out
+without a wallet round trip; each lives payment_timeout + 60 s and is quoted only while at least
+payment_timeout of it is left. Payments are seen from the wallet's NIP-47
 `payment_received` notifications when its info event offers them (one subscription, no polling);
 otherwise one shared poll looks invoices up with backoff, at most `poll_rate` lookups per second
 in all, however many jobs wait.
@@ -220,7 +221,7 @@ class Provider:
     def __init__(self, lm: Any, relays: list[str] | tuple[str, ...], *, price_msats: int, wallet: Wallet | None,
                  keys: Keys | None = None, name: str = "dsrs pylon", payment_timeout: float = 120.0,
                  max_jobs: int = 4, max_pending: int = 64, max_result_chars: int = MAX_RESULT_CHARS,
-                 notifications: bool = True, poll_rate: float = 10.0, invoice_stock: int = 2) -> None:  # fmt: skip
+                 notifications: bool = True, poll_rate: float = 10.0, invoice_stock: int = 4) -> None:  # fmt: skip
         if price_msats > 0 and wallet is None:
             raise DsrsError("a priced provider needs a wallet to issue invoices", provider="pylon",
                             hint="pass --nwc nostr+walletconnect://... (or PYLON_NWC_URI), or --price-msats 0")  # fmt: skip
@@ -247,6 +248,7 @@ class Provider:
         self.invoice_stock = invoice_stock if price_msats > 0 and wallet is not None else 0
         self._stock: deque[tuple[str, int]] = deque()  # invoices made ahead: (invoice, expires at)
         self._making = 0
+        self._stocked = asyncio.Event()  # set when an invoice made ahead arrives (or failed to)
         self.invoice_failures = 0  # invoices asked for ahead that the wallet did not deliver
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -308,8 +310,8 @@ class Provider:
     async def _serve(self, job: Event) -> None:
         try:
             await self._serve_job(job)
-        finally:
-            if len(self._stock) + self._making < self.invoice_stock:  # made ahead after the job, off its path
+        finally:  # once the stock is used up, after a job (off its path), all at once: a refill every few jobs
+            if self.invoice_stock and not self._stock and not self._making:
                 self._spawn(self._refill())
 
     async def _serve_job(self, job: Event) -> None:
@@ -398,26 +400,35 @@ class Provider:
             return await self.wallet.make_invoice(self.price_msats, "dsrs pylon job", expiry)
 
     async def _refill(self) -> None:
-        """Keep `invoice_stock` invoices made ahead (a quote then needs no wallet round trip). Each lives
-        payment_timeout + STOCK_HORIZON_S; one with less than payment_timeout left is never quoted."""
-        while len(self._stock) + self._making < self.invoice_stock:
-            self._making += 1
-            try:
-                inv = await self._make_invoice(math.ceil(self.payment_timeout + STOCK_HORIZON_S))
-                self._stock.append((inv, bolt11.decode(inv).expires_at))
-            except Exception as e:  # noqa: BLE001 - the next quote makes its own
-                self.invoice_failures += 1
-                log.info("could not make an invoice ahead (%s)", getattr(e, "code", None) or type(e).__name__)
-                return
-            finally:
-                self._making -= 1
+        """Make the stock of invoices ahead (a quote then needs no wallet round trip), all at once. Each
+        lives payment_timeout + STOCK_HORIZON_S; one with less than payment_timeout left is never quoted."""
+        n = self.invoice_stock - len(self._stock) - self._making
+        if n > 0:
+            self._making += n
+            await asyncio.gather(*(self._make_one() for _ in range(n)))
+
+    async def _make_one(self) -> None:
+        try:
+            inv = await self._make_invoice(math.ceil(self.payment_timeout + STOCK_HORIZON_S))
+            self._stock.append((inv, bolt11.decode(inv).expires_at))
+        except Exception as e:  # noqa: BLE001 - a quote makes its own
+            self.invoice_failures += 1
+            log.info("could not make an invoice ahead (%s)", getattr(e, "code", None) or type(e).__name__)
+        finally:
+            self._making -= 1
+            self._stocked.set()
 
     async def _invoice(self) -> tuple[str, float]:
-        """An invoice for the price and when it expires (unix time): one made ahead, else a new one."""
-        while self._stock:
-            inv, expires_at = self._stock.popleft()
-            if expires_at - time.time() >= self.payment_timeout:
-                return inv, expires_at
+        """An invoice for the price and when it expires (unix time): one made ahead (or being made), else a new one."""
+        while True:
+            while self._stock:
+                inv, expires_at = self._stock.popleft()
+                if expires_at - time.time() >= self.payment_timeout:
+                    return inv, expires_at
+            if not self._making:
+                break
+            self._stocked.clear()
+            await self._stocked.wait()
         inv = await self._make_invoice(max(1, math.ceil(self.payment_timeout)))
         return inv, bolt11.decode(inv).expires_at
 
@@ -471,8 +482,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a quote waits for its payment; the invoice expires then (default 120)")
     p.add_argument("--max-result-chars", type=int, default=MAX_RESULT_CHARS,
                    help="longest result the relays take (default 4096; a relay's NIP-11 limit lowers it)")
-    p.add_argument("--invoice-stock", type=int, default=2,
-                   help="invoices made ahead so that a quote needs no wallet round trip (default 2; 0: none)")
+    p.add_argument("--invoice-stock", type=int, default=4,
+                   help="invoices made ahead so that a quote needs no wallet round trip (default 4; 0: none)")
     p.add_argument("--poll-rate", type=float, default=10.0,
                    help="lookup_invoice calls per second in all, when the wallet sends no notifications (default 10)")
     return p
