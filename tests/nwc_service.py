@@ -142,8 +142,11 @@ class WalletService:
             if self.hold_payments:
                 return
             r = self.ledger.pay(acct, params["invoice"])
-            if "code" not in r:  # the payee is told first (NIP-44 kind), then the payer answered
-                await self._notify_received(params["invoice"])
+            if "code" not in r:  # the payee's notification goes out first; the payer's answer does not wait for its OK
+                t = asyncio.create_task(self._notify_received(params["invoice"]))
+                self._bg.add(t)
+                t.add_done_callback(self._bg.discard)
+                await asyncio.sleep(0)  # lets it send its frame before the answer's
             if self.mute_payments:
                 return
             error, result = (r, None) if "code" in r else (None, r)
@@ -197,9 +200,7 @@ class WalletService:
 
         if not self.nip04_only:
             await send(23197, nip44.encrypt(body, nip44.conversation_key(self.keys, to)), [["encryption", "nip44_v2"]])
-        t = asyncio.create_task(send(23196, nip04.encrypt(body, self.keys, to), []))  # the legacy kind: not awaited
-        self._bg.add(t)
-        t.add_done_callback(self._bg.discard)
+        await send(23196, nip04.encrypt(body, self.keys, to), [])  # the legacy kind, after
 
 
 # -- a whole test network: relay + wallet service + accounts, and a scriptable provider ------------
