@@ -111,6 +111,18 @@ def test_serve_refuses_a_priced_provider_without_wallet() -> None:
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 2 and "needs a wallet" in r.stderr
     assert serve.parser().parse_args(["--backend", "openai/gpt-4o-mini"]).backend == "openai/gpt-4o-mini"
+    a = serve.parser().parse_args([])
+    assert (a.max_pending, a.payment_timeout, a.max_result_chars, a.poll_rate, a.invoice_stock) == (64, 120.0, 4096, 10.0, 4)
+    a = serve.parser().parse_args(["--max-pending", "8", "--payment-timeout", "30", "--max-result-chars", "60000",
+                                   "--poll-rate", "2", "--invoice-stock", "0"])  # fmt: skip
+    assert (a.max_pending, a.payment_timeout, a.max_result_chars, a.poll_rate, a.invoice_stock) == (8, 30.0, 60000, 2.0, 0)
+    from dsrs.errors import ConfigurationError
+
+    try:
+        serve.Provider(None, ["ws://127.0.0.1:9"], price_msats=0, wallet=None, max_pending=0)
+        raise AssertionError("a pending cap of 0 must be refused")
+    except ConfigurationError as e:
+        assert "max_pending" in str(e) and e.hint
 
 
 async def test_provider_selling_a_llamacpp_server(net: Net, llama_server: Any) -> None:

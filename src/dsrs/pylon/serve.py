@@ -44,7 +44,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
-from ..errors import DsrsError
+from ..errors import ConfigurationError, DsrsError
 from ..nostr import Event, Keys, sign
 from . import bolt11, pools
 from .errors import PaymentError
@@ -226,8 +226,9 @@ class Provider:
             raise DsrsError("a priced provider needs a wallet to issue invoices", provider="pylon",
                             hint="pass --nwc nostr+walletconnect://... (or PYLON_NWC_URI), or --price-msats 0")  # fmt: skip
         if max_pending < 1 or max_jobs < 1 or max_result_chars < 1 or poll_rate <= 0 or payment_timeout <= 0 or invoice_stock < 0:
-            raise DsrsError("max_pending, max_jobs, max_result_chars, poll_rate and payment_timeout must be positive "
-                            "(invoice_stock zero or more)", provider="pylon")  # fmt: skip
+            raise ConfigurationError("max_pending, max_jobs, max_result_chars, poll_rate and payment_timeout must be "
+                                     "positive, invoice_stock zero or more", provider="pylon",
+                                     hint="e.g. --max-pending 64 --payment-timeout 120 --invoice-stock 4")  # fmt: skip
         self.lm = lm
         self.relays = tuple(relays)
         self.price_msats = price_msats
