@@ -155,3 +155,20 @@ async def test_unpaid_jobs_do_not_hold_the_job_slots(net: Net) -> None:
     finally:
         await prov.stop()
     assert "Paris" in out.text and out.usage.cost_msats == PRICE and prov.served == 1
+
+
+async def test_notifications_refused_by_the_relay_mean_polling(net: Net) -> None:
+    """The wallet offers notifications but the relay never confirms the subscription (as nostr-relay
+    does with a NOTICE past 32 subscriptions): the provider polls instead, and the paid job is served."""
+    net.relay.silent_req = {23196, 23197}
+    acct = net.ledger.open(0)
+    prov = Provider(lm_for("embedded", None), [net.relay.url], price_msats=PRICE,
+                    wallet=NwcWallet(net.service.uri(acct), timeout=5))  # fmt: skip
+    await prov.start()
+    try:
+        out = await customer(net).acall(FEW_SHOT)
+    finally:
+        await prov.stop()
+    assert prov.payments is not None and not prov.payments.notified
+    assert "Paris" in out.text and out.usage.cost_msats == PRICE == acct.balance_msats
+    assert net.service.count("lookup_invoice", acct) == prov.payments.lookups >= 1
