@@ -172,3 +172,26 @@ async def test_notifications_refused_by_the_relay_mean_polling(net: Net) -> None
     assert prov.payments is not None and not prov.payments.notified
     assert "Paris" in out.text and out.usage.cost_msats == PRICE == acct.balance_msats
     assert net.service.count("lookup_invoice", acct) == prov.payments.lookups >= 1
+
+
+async def test_notification_subscription_closed_later_means_polling(net: Net) -> None:
+    """The relay ends the notification subscription (CLOSED) while the provider runs: it polls from then on."""
+    acct = net.ledger.open(0)
+    prov = Provider(lm_for("embedded", None), [net.relay.url], price_msats=PRICE,
+                    wallet=NwcWallet(net.service.uri(acct), timeout=5))  # fmt: skip
+    await prov.start()
+    try:
+        assert prov.payments is not None and prov.payments.notified
+        closed = 0
+        for ws, st in list(net.relay.clients.items()):
+            for sid, filters in list(st["subs"].items()):
+                if any(23197 in f.get("kinds", ()) for f in filters):
+                    del st["subs"][sid]
+                    await ws.send(json.dumps(["CLOSED", sid, "error: shutting down idle subscriptions"]))
+                    closed += 1
+        assert closed == 1
+        out = await customer(net).acall(FEW_SHOT)
+    finally:
+        await prov.stop()
+    assert "Paris" in out.text and out.usage.cost_msats == PRICE == acct.balance_msats
+    assert not prov.payments.notified and net.service.count("lookup_invoice", acct) == prov.payments.lookups >= 1

@@ -14,8 +14,8 @@ last lookup_invoice then catches a payment whose notification was lost. `invoice
 without a wallet round trip; each lives payment_timeout + 60 s and is quoted only while at least
 payment_timeout of it is left. Payments are seen from the wallet's NIP-47
 `payment_received` notifications when its info event offers them (one subscription, no polling);
-otherwise one shared poll looks invoices up with backoff, at most `poll_rate` lookups per second
-in all, however many jobs wait.
+otherwise (or when the relay does not confirm that subscription, or closes it) one shared poll
+looks invoices up with backoff, at most `poll_rate` lookups per second in all, however many jobs wait.
 
 Result size: relays refuse events over their limit (stock nostr-relay: 4,096 characters of
 content, not published over NIP-11). The limit used is `max_result_chars` (default 4,096), lowered
@@ -185,8 +185,19 @@ class Payments:
 
     async def _listen(self, sub: Any) -> None:
         assert isinstance(self.wallet, NwcWallet)
+        parts = getattr(sub, "parts", None) or [sub]
         try:
-            async for ev in sub:
+            while True:
+                try:
+                    ev = await sub.next(1.0)
+                except asyncio.TimeoutError:
+                    if all(p.closed_reason for p in parts):  # the relay ended it (CLOSED): poll from now on
+                        log.info("the relay closed the wallet notification subscription: polling instead")
+                        self.notified = False
+                        for ph in list(self._waiting):
+                            self._schedule(ph, POLL_FIRST_S)
+                        return
+                    continue
                 note = self.wallet.read_notification(ev)
                 if not note or note.get("notification_type") != "payment_received":
                     continue
