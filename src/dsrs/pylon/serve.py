@@ -7,7 +7,7 @@ jobs whose bid is under the price. Only running the LM takes one of the `max_job
 
 Under load: at most `max_pending` jobs (default 64) wait for a payment at once; a job beyond that
 hears 7000 `error` "busy: ..." before any invoice is made, so spam costs the wallet at most one
-make_invoice per pending slot. A quote waits for its payment until its invoice expires (at least
+make_invoice per pending slot (and the few made ahead). A quote waits for its payment until its invoice expires (at least
 `payment_timeout`, default 120 s), so no payment can arrive for a job no longer waited for; one
 last lookup_invoice then catches a payment whose notification was lost. `invoice_stock` invoices
 (default 4) are made ahead, all at once after a job that used the last one, so a quote goes out
