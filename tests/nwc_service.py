@@ -6,6 +6,11 @@ issues real BOLT11 invoices (signed with that node key; preimage kept in the led
 preimage; `lookup_invoice` (the account's invoices and its outgoing payments, with the preimage
 once settled) and `get_balance` as in NIP-47. `nip04_only=True` publishes an info
 event without an `encryption` tag, so clients must fall back to NIP-04.
+
+Notifications (NIP-47): when an invoice of an account is paid, the service tells that account's
+client `payment_received` (kind 23196 encrypted with NIP-04, and kind 23197 with NIP-44 unless
+`nip04_only`), and advertises them in its info event (`notifications` tag). `notifications=False`
+turns them off (no tag, nothing sent): providers must then poll. `count(method)` counts requests.
 """
 
 from __future__ import annotations
@@ -79,29 +84,41 @@ class Ledger:
 class WalletService:
     """Answers NIP-47 requests addressed to `self.keys.pubkey` on one relay."""
 
-    def __init__(self, relay_url: str, ledger: Ledger, *, nip04_only: bool = False) -> None:
+    def __init__(self, relay_url: str, ledger: Ledger, *, nip04_only: bool = False, notifications: bool = True) -> None:
         self.relay_url = relay_url
         self.ledger = ledger
         self.keys = Keys.generate()
         self.nip04_only = nip04_only
+        self.notifications = notifications
         self.requests: list[dict[str, Any]] = []  # decrypted requests, for assertions
+        self.notified: list[dict[str, Any]] = []  # notifications sent (kind, client pubkey, payment hash)
         self.hold_payments = False  # never answer pay_invoice (outcome unknown for the client)
         self.mute_payments = False  # pay, but never send the answer (the client must look it up)
         self._relay = Relay(relay_url, self.keys)
         self._task: asyncio.Task[None] | None = None
+        self._bg: set[asyncio.Task[None]] = set()
 
     def uri(self, acct: Account) -> str:
         return f"nostr+walletconnect://{self.keys.pubkey}?relay={self.relay_url}&secret={acct.keys.secret.hex()}"
 
+    def count(self, method: str, acct: Account | None = None) -> int:
+        """Requests for `method` (from `acct`'s connection only, when given)."""
+        return sum(1 for r in self.requests if r.get("method") == method and (acct is None or r["client"] == acct.keys.pubkey))
+
     async def start(self) -> None:
         tags = [] if self.nip04_only else [["encryption", "nip44_v2 nip04"]]
-        await self._relay.publish(sign(self.keys, 13194, "pay_invoice make_invoice lookup_invoice get_balance", tags))
+        caps = "pay_invoice make_invoice lookup_invoice get_balance"
+        if self.notifications:
+            tags.append(["notifications", "payment_received"])
+            caps += " notifications"
+        await self._relay.publish(sign(self.keys, 13194, caps, tags))
         sub = await self._relay.subscribe([{"kinds": [23194], "#p": [self.keys.pubkey]}])
         self._task = asyncio.create_task(self._serve(sub))
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for t in [self._task, *self._bg]:
+            if t:
+                t.cancel()
         await self._relay.close()
 
     async def _serve(self, sub: Any) -> None:
@@ -118,13 +135,18 @@ class WalletService:
             req = json.loads(nip44.decrypt(ev.content, ck))
         else:
             req = json.loads(nip04.decrypt(ev.content, self.keys, ev.pubkey))
-        self.requests.append({**req, "encryption": enc})
+        self.requests.append({**req, "encryption": enc, "client": ev.pubkey})
         method, params = req["method"], req.get("params", {})
         error = result = None
         if method == "pay_invoice":
             if self.hold_payments:
                 return
             r = self.ledger.pay(acct, params["invoice"])
+            if "code" not in r:  # the payee's notification goes out first; the payer's answer does not wait for its OK
+                t = asyncio.create_task(self._notify_received(params["invoice"]))
+                self._bg.add(t)
+                t.add_done_callback(self._bg.discard)
+                await asyncio.sleep(0)  # lets it send its frame before the answer's
             if self.mute_payments:
                 return
             error, result = (r, None) if "code" in r else (None, r)
@@ -160,6 +182,27 @@ class WalletService:
         await self._relay.publish(sign(self.keys, 23195, content, tags))
 
 
+    async def _notify_received(self, invoice: str) -> None:
+        """`payment_received` to the payee's client: 23196 (NIP-04) and, unless nip04_only, 23197 (NIP-44)."""
+        if not self.notifications:
+            return
+        ph = bolt11.decode(invoice).payment_hash
+        rec = self.ledger.invoices[ph]
+        payee: Account = rec["payee"]
+        body = json.dumps({"notification_type": "payment_received", "notification": {
+            "type": "incoming", "invoice": rec["invoice"], "preimage": rec["preimage"], "payment_hash": ph,
+            "amount": rec["amount"], "fees_paid": 0, "created_at": rec["created_at"], "expires_at": rec["expires_at"],
+            "settled_at": rec["settled_at"]}})  # fmt: skip
+        to = payee.keys.pubkey
+        async def send(kind: int, content: str, extra: list[list[str]]) -> None:
+            self.notified.append({"kind": kind, "to": to, "payment_hash": ph})
+            await self._relay.publish(sign(self.keys, kind, content, [["p", to], *extra]))
+
+        if not self.nip04_only:
+            await send(23197, nip44.encrypt(body, nip44.conversation_key(self.keys, to)), [["encryption", "nip44_v2"]])
+        await send(23196, nip04.encrypt(body, self.keys, to), [])  # the legacy kind, after
+
+
 # -- a whole test network: relay + wallet service + accounts, and a scriptable provider ------------
 class Net:
     def __init__(self, relay: Any, ledger: Ledger, service: WalletService) -> None:
@@ -173,15 +216,29 @@ class Net:
         return self.ledger.paid_total(self.customer)
 
 
-async def start_net(**relay_kw: Any) -> Net:
+async def start_net(*, stock: Any = None, notifications: bool = True, **relay_kw: Any) -> Net:
+    """Our test relay (or `stock`, a running StockRelay: the third-party relay) with a wallet service on it."""
     from relay import TestRelay
 
-    relay = TestRelay(**relay_kw)
-    await relay.start()
+    if stock is not None:
+        relay = _Running(stock)
+    else:
+        relay = TestRelay(**relay_kw)
+        await relay.start()
     ledger = Ledger()
-    svc = WalletService(relay.url, ledger)
+    svc = WalletService(relay.url, ledger, notifications=notifications)
     await svc.start()
     return Net(relay, ledger, svc)
+
+
+class _Running:
+    """A relay started elsewhere (the stock_relay fixture stops it)."""
+
+    def __init__(self, relay: Any) -> None:
+        self.url = relay.url
+
+    async def stop(self) -> None:
+        pass
 
 
 async def stop_net(net: Net, *others: Any) -> None:

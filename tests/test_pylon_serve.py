@@ -52,12 +52,13 @@ async def test_paid_job_on_embedded_gemma(net: Net) -> None:
     assert ["k", "5050"] in ann["tags"] and ann["pubkey"] == prov.pubkey
     job = net.relay.published(5050)[0]
     statuses = [e["tags"][0][1] for e in net.relay.published(7000) if e["pubkey"] == prov.pubkey]
-    assert statuses == ["payment-required", "processing"]
+    assert statuses in (["payment-required", "processing"], ["payment-required"])  # processing: a model slower than 0.25 s
     (res,) = net.relay.published(6050)
     assert json.loads(dict((t[0], t[1]) for t in res["tags"])["request"])["id"] == job["id"]
     assert ["param", "max_tokens", "4"] in job["tags"]
     methods = [r["method"] for r in net.service.requests]
-    assert methods.count("make_invoice") == 1 and methods.count("pay_invoice") == 1 and "lookup_invoice" in methods
+    assert methods.count("pay_invoice") == 1 and 1 <= methods.count("make_invoice") <= 1 + prov.invoice_stock
+    assert "lookup_invoice" not in methods and prov.payments.notified  # seen by the wallet's notification
 
 
 async def test_provider_refuses_low_bids_and_encrypted_jobs(net: Net) -> None:
@@ -110,6 +111,18 @@ def test_serve_refuses_a_priced_provider_without_wallet() -> None:
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 2 and "needs a wallet" in r.stderr
     assert serve.parser().parse_args(["--backend", "openai/gpt-4o-mini"]).backend == "openai/gpt-4o-mini"
+    a = serve.parser().parse_args([])
+    assert (a.max_pending, a.payment_timeout, a.max_result_chars, a.poll_rate, a.invoice_stock) == (64, 120.0, 4096, 10.0, 4)
+    a = serve.parser().parse_args(["--max-pending", "8", "--payment-timeout", "30", "--max-result-chars", "60000",
+                                   "--poll-rate", "2", "--invoice-stock", "0"])  # fmt: skip
+    assert (a.max_pending, a.payment_timeout, a.max_result_chars, a.poll_rate, a.invoice_stock) == (8, 30.0, 60000, 2.0, 0)
+    from dsrs.errors import ConfigurationError
+
+    try:
+        serve.Provider(None, ["ws://127.0.0.1:9"], price_msats=0, wallet=None, max_pending=0)
+        raise AssertionError("a pending cap of 0 must be refused")
+    except ConfigurationError as e:
+        assert "max_pending" in str(e) and e.hint
 
 
 async def test_provider_selling_a_llamacpp_server(net: Net, llama_server: Any) -> None:
@@ -142,3 +155,43 @@ async def test_unpaid_jobs_do_not_hold_the_job_slots(net: Net) -> None:
     finally:
         await prov.stop()
     assert "Paris" in out.text and out.usage.cost_msats == PRICE and prov.served == 1
+
+
+async def test_notifications_refused_by_the_relay_mean_polling(net: Net) -> None:
+    """The wallet offers notifications but the relay never confirms the subscription (as nostr-relay
+    does with a NOTICE past 32 subscriptions): the provider polls instead, and the paid job is served."""
+    net.relay.silent_req = {23196, 23197}
+    acct = net.ledger.open(0)
+    prov = Provider(lm_for("embedded", None), [net.relay.url], price_msats=PRICE,
+                    wallet=NwcWallet(net.service.uri(acct), timeout=5))  # fmt: skip
+    await prov.start()
+    try:
+        out = await customer(net).acall(FEW_SHOT)
+    finally:
+        await prov.stop()
+    assert prov.payments is not None and not prov.payments.notified
+    assert "Paris" in out.text and out.usage.cost_msats == PRICE == acct.balance_msats
+    assert net.service.count("lookup_invoice", acct) == prov.payments.lookups >= 1
+
+
+async def test_notification_subscription_closed_later_means_polling(net: Net) -> None:
+    """The relay ends the notification subscription (CLOSED) while the provider runs: it polls from then on."""
+    acct = net.ledger.open(0)
+    prov = Provider(lm_for("embedded", None), [net.relay.url], price_msats=PRICE,
+                    wallet=NwcWallet(net.service.uri(acct), timeout=5))  # fmt: skip
+    await prov.start()
+    try:
+        assert prov.payments is not None and prov.payments.notified
+        closed = 0
+        for ws, st in list(net.relay.clients.items()):
+            for sid, filters in list(st["subs"].items()):
+                if any(23197 in f.get("kinds", ()) for f in filters):
+                    del st["subs"][sid]
+                    await ws.send(json.dumps(["CLOSED", sid, "error: shutting down idle subscriptions"]))
+                    closed += 1
+        assert closed == 1
+        out = await customer(net).acall(FEW_SHOT)
+    finally:
+        await prov.stop()
+    assert "Paris" in out.text and out.usage.cost_msats == PRICE == acct.balance_msats
+    assert not prov.payments.notified and net.service.count("lookup_invoice", acct) == prov.payments.lookups >= 1

@@ -242,3 +242,77 @@ class NwcWallet:
 
     async def balance(self) -> int:
         return int((await self.request("get_balance", {})).get("balance", 0))
+
+    # -- notifications (NIP-47: kind 23196 NIP-04, 23197 NIP-44) ---------------------------------
+    async def notification_types(self, timeout: float | None = None) -> frozenset[str]:
+        """The notification types the wallet's info event (13194) lists in its `notifications` tag,
+        e.g. {'payment_received'}; empty when it lists none or the relay does not answer in time."""
+        cached: frozenset[str] | None = getattr(self, "_notification_types", None)
+        if cached is not None:
+            return cached
+        import contextlib
+
+        timeout = self.timeout if timeout is None else timeout
+        found: set[str] = set()
+        try:
+            sub = await asyncio.wait_for(pools.pool(self.relays).subscribe(
+                [{"kinds": [INFO], "authors": [self.wallet_pubkey], "limit": 1}]), max(0.0, timeout))  # fmt: skip
+        except (asyncio.TimeoutError, builtins.TimeoutError, APIConnectionError):
+            log.info("no wallet info event within %gs: no notifications assumed", timeout)
+            return frozenset()
+        try:
+            with contextlib.suppress(asyncio.TimeoutError, builtins.TimeoutError):
+                await asyncio.wait_for(sub.eose.wait(), max(0.0, timeout))
+            while not sub.queue.empty():
+                ev = sub.queue.get_nowait()
+                tag = ev.tag("notifications") or []
+                if ev.kind == INFO and ev.pubkey == self.wallet_pubkey and len(tag) > 1:
+                    found.update(tag[1].split())
+        finally:
+            await sub.close()
+        self._notification_types = frozenset(found)
+        return self._notification_types
+
+    async def open_notifications(self, timeout: float | None = None) -> Any:
+        """Subscribe to this connection's notifications (23197 when it speaks NIP-44, else 23196) and
+        return the subscription once the relay has confirmed it (EOSE) within `timeout`; PaymentError
+        NOT_SENT when it did not (a relay that refused the subscription, e.g. with a NOTICE). Read its
+        events with `read_notification`; close it when done."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        kind = NOTIFY_NIP44 if await self.encryption(timeout) == "nip44_v2" else NOTIFY_NIP04
+        filt = {"kinds": [kind], "authors": [self.wallet_pubkey], "#p": [self.client_pubkey], "since": int(time.time()) - 5}
+        sub = None
+        try:
+            sub = await asyncio.wait_for(pools.pool(self.relays).subscribe([filt]), max(0.0, deadline - time.monotonic()))
+            await asyncio.wait_for(sub.eose.wait(), max(0.0, deadline - time.monotonic()))
+            if sub.closed_reason:
+                raise APIConnectionError(sub.closed_reason)
+        except (asyncio.TimeoutError, builtins.TimeoutError, APIConnectionError):
+            if sub is not None:
+                await sub.close()
+            raise PaymentError("the wallet's relay did not confirm the notification subscription", provider="nwc",
+                               code="NOT_SENT", hint="the wallet's payments are looked up instead") from None  # fmt: skip
+        return sub
+
+    def read_notification(self, ev: Any) -> dict[str, Any] | None:
+        """A notification event from the wallet, decrypted: {'notification_type': ..., 'notification': {...}};
+        None when it is not from this wallet to this connection, or unreadable."""
+        if ev.pubkey != self.wallet_pubkey or ev.kind not in (NOTIFY_NIP04, NOTIFY_NIP44):
+            return None
+        if ev.tag_value("p") != self.client_pubkey:
+            return None
+        try:
+            if ev.kind == NOTIFY_NIP44:
+                text = nip44.decrypt(ev.content, nip44.conversation_key(self._keys, self.wallet_pubkey))
+            else:
+                text = nip04.decrypt(ev.content, self._keys, self.wallet_pubkey)
+            body = json.loads(text)
+        except Exception:  # noqa: BLE001 - garbage from the relay is not a notification
+            return None
+        if not isinstance(body, dict) or not isinstance(body.get("notification"), dict):
+            return None
+        return body
+
+
+NOTIFY_NIP04, NOTIFY_NIP44 = 23196, 23197  # NIP-47 notification kinds (NIP-04, NIP-44 encrypted)
