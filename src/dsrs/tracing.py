@@ -293,22 +293,23 @@ async def stream(lm: Any, prompt: Any, overrides: dict[str, Any],
     (or in the LaneMux's lane attempt span). `inner(prompt, overrides, req)`: the LM's own stream."""
     t = _get()
     if t is None:
-        async for item in inner(prompt, overrides, None):
+        agen = inner(prompt, overrides, None)
+    else:
+        req = lm.request(prompt, **overrides)
+        model = req.model or lm.model
+        att = _ATTEMPT.get()
+        if att is not None:  # the lane attempt's span, current already; the LaneMux ends it
+            att.span.set_attributes(_request_attrs(lm.provider, model, req))
+            att.lm = lm
+            agen = _follow(att.span, inner(prompt, overrides, req), None, None)
+        else:
+            span = _chat_span(t, lm.provider, model, req)
+            agen = _follow(span, inner(prompt, overrides, req), lambda c: _answered(span, c, lm), lambda e: _failed(span, e))
+    try:
+        async for item in agen:
             yield item
-        return
-    req = lm.request(prompt, **overrides)
-    agen = inner(prompt, overrides, req)
-    model = req.model or lm.model
-    att = _ATTEMPT.get()
-    if att is not None:  # the lane attempt's span, current already; the LaneMux ends it
-        att.span.set_attributes(_request_attrs(lm.provider, model, req))
-        att.lm = lm
-        async for item in _follow(att.span, agen, None, None):
-            yield item
-        return
-    span = _chat_span(t, lm.provider, model, req)
-    async for item in _follow(span, agen, lambda c: _answered(span, c, lm), lambda e: _failed(span, e)):
-        yield item
+    finally:  # closed with this generator (`async for` alone would leave it to the garbage collector)
+        await _close(agen)
 
 
 async def _follow(span: Any, agen: Any, answered: Callable[[Any], None] | None, failed: Callable[[BaseException], None] | None,
@@ -436,14 +437,16 @@ async def route(mux: Any, call: Coroutine[Any, Any, T]) -> T:
 
 
 async def route_stream(mux: Any, agen: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A LaneMux stream in a `dsrs.route` span that starts with its first step and ends with it."""
     t = _get()
-    if t is None:
+    if t is not None:
+        span = t.start_span("dsrs.route", attributes={"dsrs.route.lanes": list(mux.names)})
+        agen = _follow(span, agen, lambda c: _route_answered(span, c), lambda e: _route_failed(span, e))
+    try:
         async for item in agen:
             yield item
-        return
-    span = t.start_span("dsrs.route", attributes={"dsrs.route.lanes": list(mux.names)})
-    async for item in _follow(span, agen, lambda c: _route_answered(span, c), lambda e: _route_failed(span, e)):
-        yield item
+    finally:
+        await _close(agen)
 
 
 def _lane_span(t: Any, lane: Any) -> Any:
@@ -474,6 +477,7 @@ async def lane(lane: Any, call: Awaitable[T]) -> T:
 
 
 def lane_stream(lane: Any, agen: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """One streamed lane attempt in a `chat {model}` span that ends with the lane's stream."""
     t = _get()
     if t is None or lane.nested:
         return agen
