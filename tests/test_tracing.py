@@ -196,27 +196,33 @@ def _no_text(spans: dict[str, Span], *texts: str) -> None:
 # -- LM calls ---------------------------------------------------------------------------------------
 async def test_an_lm_call_is_a_chat_span_with_the_genai_attributes(traces: Traces, llama_server: Any) -> None:
     lm = _llama(llama_server)
+    cached = lm.with_cache(True).with_seed(7)
     with traces.root("test lm call") as root:
         c = await lm.acall(FEW_SHOT)
-    assert c.text.strip().startswith("Paris")
-    spans = traces.arrived(root, 2)
+        await cached.acall(FEW_SHOT)
+        hit = await cached.acall(FEW_SHOT)
+    assert c.text.strip().startswith("Paris") and hit.usage.cache_hit
+    spans = traces.arrived(root, 4)
     chat, top = spans["chat gemma"], spans["test lm call"]
     assert chat.parent == top.span_id and traces.kind(chat) == "CLIENT"
     a = chat.attributes
     port = int(llama_server.url.rsplit(":", 1)[1])
     assert {k: a[k] for k in ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model",
                               "gen_ai.request.max_tokens", "gen_ai.request.temperature", "gen_ai.request.stop_sequences",
-                              "server.address", "server.port", "dsrs.cache_hit", "dsrs.cost_msats", "dsrs.cost_source")} == {
+                              "server.address", "server.port", "dsrs.cost_msats", "dsrs.cost_source")} == {
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": "llamacpp", "gen_ai.request.model": "gemma",
         "gen_ai.request.max_tokens": 8, "gen_ai.request.temperature": 0.0, "gen_ai.request.stop_sequences": ["\n"],
-        "server.address": "127.0.0.1", "server.port": port, "dsrs.cache_hit": False, "dsrs.cost_msats": 0,
-        "dsrs.cost_source": "free",
+        "server.address": "127.0.0.1", "server.port": port, "dsrs.cost_msats": 0, "dsrs.cost_source": "free",
     }  # fmt: skip
     assert a["gen_ai.usage.input_tokens"] == c.usage.prompt_tokens > 0
     assert a["gen_ai.usage.output_tokens"] == c.usage.completion_tokens > 0
     assert a["gen_ai.response.finish_reasons"] == [c.finish_reason]
     assert a["gen_ai.response.id"] == c.id and a["gen_ai.response.model"] == c.model
-    assert chat.status == "STATUS_CODE_UNSET" and "error.type" not in a
+    assert chat.status == "STATUS_CODE_UNSET" and "error.type" not in a and "dsrs.cache_hit" not in a
+    miss, from_cache = spans["chat gemma #2"].attributes, spans["chat gemma #3"].attributes
+    assert miss["gen_ai.request.seed"] == from_cache["gen_ai.request.seed"] == 7 and "dsrs.cache_hit" not in miss
+    assert from_cache["dsrs.cache_hit"] is True and from_cache["dsrs.cost_source"] == "cache"
+    assert from_cache["dsrs.cost_msats"] == 0
     _no_text(spans, FEW_SHOT, c.text)
 
 

@@ -12,7 +12,8 @@ Spans:
   `gen_ai.request.*` (model, max_tokens, temperature, top_p, seed, stop_sequences),
   `gen_ai.response.*` (model, id, finish_reasons), `gen_ai.usage.input_tokens`/`output_tokens`,
   `server.address`/`server.port`, `error.type` on failure; and dsrs's own `dsrs.cost_msats`,
-  `dsrs.cost_source`, `dsrs.cache_hit`. Retries are `dsrs.retry` events (delay, error type).
+  `dsrs.cost_source`, `dsrs.cache_hit` (true on a cache hit), `dsrs.abandoned` (a stream its
+  consumer left). Retries are `dsrs.retry` events (delay, error type).
 - `dsrs.route` (INTERNAL), one per LaneMux call: the route decision (`dsrs.route.policy`,
   `dsrs.lane` that answered, `dsrs.route.skipped`, retry and fallback counts), with `dsrs.retry`,
   `dsrs.wait` and `dsrs.fallback` events as they happen. Each lane attempt is a child
@@ -121,10 +122,6 @@ def capturing() -> bool:
 
 
 # -- attributes ---------------------------------------------------------------------------------------
-def _provider_name(provider: str) -> str:
-    return _PROVIDERS.get(provider, provider) or "dsrs"
-
-
 @lru_cache(maxsize=64)
 def _server(url: str) -> tuple[str, int] | None:
     try:
@@ -135,13 +132,10 @@ def _server(url: str) -> tuple[str, int] | None:
     return (host, port) if host else None
 
 
-def _request_attrs(provider: str, model: str, req: Any) -> dict[str, Any]:
-    p = _provider_name(provider)
-    a: dict[str, Any] = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": p}
-    if model:
-        a["gen_ai.request.model"] = model
-    if req is None:
-        return a
+def _request_attrs(req: Any) -> dict[str, Any]:
+    """The request's own attributes (those it sets), added when the span ends: set once, they cost
+    the SDK one pass (it checks every attribute, about a microsecond each)."""
+    a: dict[str, Any] = {}
     if req.max_tokens is not None:
         a["gen_ai.request.max_tokens"] = req.max_tokens
     if req.temperature is not None:
@@ -151,7 +145,7 @@ def _request_attrs(provider: str, model: str, req: Any) -> dict[str, Any]:
     if req.seed is not None:
         a["gen_ai.request.seed"] = req.seed
     if req.stop:
-        a["gen_ai.request.stop_sequences"] = list(req.stop)
+        a["gen_ai.request.stop_sequences"] = req.stop
     if req.response_format is not None:
         a["gen_ai.output.type"] = "json"
     if _CAPTURING:
@@ -174,36 +168,6 @@ def _message(m: Any) -> dict[str, Any]:
     for t in m.tool_calls:
         parts.append({"type": "tool_call", "id": t.id, "name": t.name, "arguments": t.arguments})
     return {"role": m.role, "parts": parts}
-
-
-def _answered(span: Any, c: Any, lm: Any) -> None:
-    """Set what the completion `c` says on `span` and end it."""
-    u = c.usage
-    a: dict[str, Any] = {
-        "gen_ai.usage.input_tokens": u.prompt_tokens,
-        "gen_ai.usage.output_tokens": u.completion_tokens,
-        "gen_ai.response.finish_reasons": (c.finish_reason,),
-        "dsrs.cache_hit": u.cache_hit,
-    }
-    if c.model:
-        a["gen_ai.response.model"] = c.model
-    if c.id:
-        a["gen_ai.response.id"] = c.id
-    if u.cached_tokens:
-        a["gen_ai.usage.cache_read.input_tokens"] = u.cached_tokens
-    if u.cost_msats is not None:
-        a["dsrs.cost_msats"] = u.cost_msats
-    if u.cost_source is not None:
-        a["dsrs.cost_source"] = u.cost_source.value
-    base = getattr(getattr(lm, "_backend_obj", None), "base", None)
-    if isinstance(base, str):
-        server = _server(base)
-        if server is not None:
-            a["server.address"], a["server.port"] = server
-    if _CAPTURING:
-        a["gen_ai.output.messages"] = json.dumps([_output(c)], ensure_ascii=False)
-    span.set_attributes(a)
-    span.end()
 
 
 def _output(c: Any) -> dict[str, Any]:
@@ -238,23 +202,66 @@ def _ctx(span: Any) -> Any:
 
 
 # -- LM calls (dsrs.lm) -------------------------------------------------------------------------------
-class _Attempt:
-    """A lane attempt's span, opened by the LaneMux; the lane's LM fills in the request and says who it is."""
+class _Call:
+    """One `chat {model}` span and what fills it in when it ends: the LM and its request. A LaneMux
+    opens one per lane attempt, before it knows the request; the lane's LM then says both."""
 
-    __slots__ = ("span", "lm")
+    __slots__ = ("span", "lm", "req")
 
-    def __init__(self, span: Any) -> None:
-        self.span, self.lm = span, None
+    def __init__(self, span: Any, lm: Any, req: Any) -> None:
+        self.span, self.lm, self.req = span, lm, req
+
+    def _attrs(self) -> dict[str, Any]:
+        a = _request_attrs(self.req) if self.req is not None else {}
+        base = getattr(getattr(self.lm, "_backend_obj", None), "base", None)
+        if isinstance(base, str):
+            server = _server(base)
+            if server is not None:
+                a["server.address"], a["server.port"] = server
+        return a
+
+    def answered(self, c: Any) -> None:
+        span = self.span
+        if span.is_recording():  # (a span a sampler dropped costs nothing more)
+            u = c.usage
+            a = self._attrs()
+            a["gen_ai.usage.input_tokens"] = u.prompt_tokens
+            a["gen_ai.usage.output_tokens"] = u.completion_tokens
+            a["gen_ai.response.finish_reasons"] = (c.finish_reason,)
+            if c.model:
+                a["gen_ai.response.model"] = c.model
+            if c.id:
+                a["gen_ai.response.id"] = c.id
+            if u.cached_tokens:
+                a["gen_ai.usage.cache_read.input_tokens"] = u.cached_tokens
+            if u.cost_msats is not None:
+                a["dsrs.cost_msats"] = u.cost_msats
+            if u.cost_source is not None:
+                a["dsrs.cost_source"] = u.cost_source.value
+            if u.cache_hit:
+                a["dsrs.cache_hit"] = True
+            if _CAPTURING:
+                a["gen_ai.output.messages"] = json.dumps([_output(c)], ensure_ascii=False)
+            span.set_attributes(a)
+        span.end()
+
+    def failed(self, e: BaseException) -> None:
+        if self.span.is_recording():
+            self.span.set_attributes(self._attrs())
+        _failed(self.span, e)
 
 
 # The lane attempt an LM call below may take as its own span (set by the LaneMux around a lane call).
-_ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar("dsrs_lane_attempt", default=None)
+_ATTEMPT: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("dsrs_lane_attempt", default=None)
 
 
-def _chat_span(t: Any, provider: str, model: str, req: Any, extra: dict[str, Any] | None = None) -> Any:
-    a = _request_attrs(provider, model, req)
-    if extra:
-        a.update(extra)
+def _chat_span(t: Any, provider: str, model: str, lane: str | None = None) -> Any:
+    """A `chat {model}` span, started with the attributes a sampler may look at."""
+    a: dict[str, Any] = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": _PROVIDERS.get(provider, provider) or "dsrs"}
+    if model:
+        a["gen_ai.request.model"] = model
+    if lane is not None:
+        a["dsrs.lane"] = lane
     return t.start_span(f"chat {model}" if model else "chat", kind=_CLIENT, attributes=a)
 
 
@@ -264,26 +271,24 @@ async def complete(lm: Any, req: Any, call: Coroutine[Any, Any, T]) -> T:
     t = _get()
     if t is None:
         return await call
-    model = req.model or lm.model
     att = _ATTEMPT.get()
     if att is not None:
-        att.span.set_attributes(_request_attrs(lm.provider, model, req))
-        att.lm = lm
+        att.lm, att.req = lm, req
         held = _ATTEMPT.set(None)  # LMs this call makes in turn open their own spans
         try:
             return await call
         finally:
             _ATTEMPT.reset(held)
-    span = _chat_span(t, lm.provider, model, req)
-    token = _ctx(span)
+    this = _Call(_chat_span(t, lm.provider, req.model or lm.model), lm, req)
+    token = _ctx(this.span)
     try:
         c = await call
     except BaseException as e:
-        _failed(span, e)
+        this.failed(e)
         raise
     finally:
         _detach(token)
-    _answered(span, c, lm)
+    this.answered(c)
     return c
 
 
@@ -296,15 +301,13 @@ async def stream(lm: Any, prompt: Any, overrides: dict[str, Any],
         agen = inner(prompt, overrides, None)
     else:
         req = lm.request(prompt, **overrides)
-        model = req.model or lm.model
         att = _ATTEMPT.get()
         if att is not None:  # the lane attempt's span, current already; the LaneMux ends it
-            att.span.set_attributes(_request_attrs(lm.provider, model, req))
-            att.lm = lm
+            att.lm, att.req = lm, req
             agen = _follow(att.span, inner(prompt, overrides, req), None, None)
         else:
-            span = _chat_span(t, lm.provider, model, req)
-            agen = _follow(span, inner(prompt, overrides, req), lambda c: _answered(span, c, lm), lambda e: _failed(span, e))
+            this = _Call(_chat_span(t, lm.provider, req.model or lm.model), lm, req)
+            agen = _follow(this.span, inner(prompt, overrides, req), this.answered, this.failed)
     try:
         async for item in agen:
             yield item
@@ -313,7 +316,7 @@ async def stream(lm: Any, prompt: Any, overrides: dict[str, Any],
 
 
 async def _follow(span: Any, agen: Any, answered: Callable[[Any], None] | None, failed: Callable[[BaseException], None] | None,
-                  attempt: _Attempt | None = None) -> AsyncIterator[Any]:  # fmt: skip
+                  attempt: _Call | None = None) -> AsyncIterator[Any]:  # fmt: skip
     """Pass `agen`'s items on. `span` is the current span during the first step (where retries and
     fallbacks happen), with `attempt` as the lane attempt an LM below may take. The span ends with
     the stream: `answered(completion)` at its `StreamEnd`, else `failed(error)` (a consumer that
@@ -395,7 +398,9 @@ def _route_attrs(span: Any, d: Any) -> None:
     if d is None:
         return
     a: dict[str, Any] = {"dsrs.route.policy": d.policy, "dsrs.route.retries": d.retries,
-                         "dsrs.route.fallbacks": d.fallbacks, "dsrs.cache_hit": d.cached}  # fmt: skip
+                         "dsrs.route.fallbacks": d.fallbacks}  # fmt: skip
+    if d.cached:
+        a["dsrs.cache_hit"] = True
     if d.lane:
         a["dsrs.lane"] = d.lane
     if d.requested_lane:
@@ -449,9 +454,9 @@ async def route_stream(mux: Any, agen: AsyncIterator[Any]) -> AsyncIterator[Any]
         await _close(agen)
 
 
-def _lane_span(t: Any, lane: Any) -> Any:
+def _lane_call(t: Any, lane: Any) -> _Call:
     lm = lane.lm
-    return _chat_span(t, getattr(lm, "provider", "") or "", getattr(lm, "model", "") or "", None, {"dsrs.lane": lane.name})
+    return _Call(_chat_span(t, getattr(lm, "provider", "") or "", getattr(lm, "model", "") or "", lane.name), lm, None)
 
 
 async def lane(lane: Any, call: Awaitable[T]) -> T:
@@ -460,19 +465,18 @@ async def lane(lane: Any, call: Awaitable[T]) -> T:
     t = _get()
     if t is None or lane.nested:
         return await call
-    span = _lane_span(t, lane)
-    att = _Attempt(span)
-    token = _ctx(span)
-    held = _ATTEMPT.set(att)
+    this = _lane_call(t, lane)
+    token = _ctx(this.span)
+    held = _ATTEMPT.set(this)
     try:
         c = await call
     except BaseException as e:
-        _failed(span, e)
+        this.failed(e)
         raise
     finally:
         _ATTEMPT.reset(held)
         _detach(token)
-    _answered(span, c, att.lm or lane.lm)
+    this.answered(c)
     return c
 
 
@@ -481,9 +485,8 @@ def lane_stream(lane: Any, agen: AsyncIterator[Any]) -> AsyncIterator[Any]:
     t = _get()
     if t is None or lane.nested:
         return agen
-    span = _lane_span(t, lane)
-    att = _Attempt(span)
-    return _follow(span, agen, lambda c: _answered(span, c, att.lm or lane.lm), lambda e: _failed(span, e), att)
+    this = _lane_call(t, lane)
+    return _follow(this.span, agen, this.answered, this.failed, this)
 
 
 def attempt(a: Any) -> None:
