@@ -2,6 +2,7 @@
 
     python bench/bench_dspy.py            # 3 rounds, ~2 minutes
     python bench/bench_dspy.py --quick    # 1 round, shorter phases
+    python bench/bench_dspy.py --rounds 5
 
 Same server for every client: bench/server.py (the fast fake OpenAI-compatible server) pinned to
 core 0; each client in its own process pinned to core 1, on the default asyncio loop, sending the
@@ -140,6 +141,24 @@ async def run_client(name: str, port: int, cfg: dict[str, Any]) -> dict[str, Any
     return out
 
 
+async def plain(name: str, port: int, calls: int) -> None:
+    """Calls and nothing else, for instruction counts: `valgrind --tool=callgrind python bench/bench_dspy.py
+    --plain dsrs+otel --calls N --port P` for two values of N, difference of the totals / difference of N."""
+    call = make_client("dsrs+otel" if name == "bare-span" else name, f"http://127.0.0.1:{port}/v1")
+    for _ in range(200):  # warm: connections, imports, caches
+        await call()
+    if name == "bare-span":
+        from opentelemetry.trace import SpanKind
+
+        from dsrs import tracing
+
+        for _ in range(calls):
+            tracing._tracer.start_span("bare", kind=SpanKind.CLIENT).end()
+    else:
+        for _ in range(calls):
+            await call()
+
+
 def run_one(client: str, port: int, quick: bool) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--client", client, "--port", str(port)] + (["--quick"] if quick else [])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -151,10 +170,19 @@ def run_one(client: str, port: int, quick: bool) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, help="rounds (default 3, --quick 1)")
+    ap.add_argument("--plain", metavar="CLIENT", help="only make --calls sequential calls with CLIENT (for callgrind; "
+                    "CLIENT may also be 'bare-span': that many bare SDK spans), against --port")
+    ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--client", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.rounds:
+        cfg["rounds"] = args.rounds
+    if args.plain:
+        asyncio.run(plain(args.plain, args.port, args.calls))
+        return
     if args.client:
         pin(CLIENT_CPU)
         print(json.dumps(asyncio.run(run_client(args.client, args.port, cfg))))
