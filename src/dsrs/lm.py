@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any, Self
 
-from . import _sync, history, pricing
+from . import _sync, history, pricing, tracing
 from .budget import NO_HOLD, Hold, applicable, reserve
 from .cache import Cache, cache_key, default_cache
 from .errors import ConfigurationError, DsrsError, ResponseFormatError, UnsupportedFeatureError
@@ -35,15 +35,25 @@ _CLIENT_FIELDS = ("base_url", "api_key", "timeout", "retries", "cache", "headers
                   "budget")  # fmt: skip
 
 
-def to_messages(x: Input) -> tuple[Message, ...]:
+def to_messages(x: Input | None) -> tuple[Message, ...]:
     if isinstance(x, str):
         return (Message("user", x),)
     if isinstance(x, (Message, dict)):
         return (Message.coerce(x),)
+    if x is None:
+        raise ConfigurationError("no prompt to send", hint="pass a prompt string, or messages=[{'role': 'user', 'content': ...}]")
     msgs = tuple(Message.coerce(m) for m in x)
     if not msgs:
         raise ConfigurationError("no messages to send", hint="pass a prompt string or a list of messages")
     return msgs
+
+
+def _messages(prompt: Input | None, messages: Input) -> Input:
+    """`messages=` (LiteLLM's and dspy's keyword) for the prompt argument; both at once is refused."""
+    if prompt is not None:
+        raise ConfigurationError("pass the prompt or messages=[...], not both",
+                                 hint="lm(messages=[...]) and lm('text') or lm([...]) are the same call")  # fmt: skip
+    return messages
 
 
 # The spellings users bring from LiteLLM, dspy and the official SDKs, for the same options.
@@ -203,7 +213,7 @@ class BaseLM:
         return self._backend_obj
 
     # -- requests ---------------------------------------------------------------------------
-    def request(self, prompt: Input, **overrides: Any) -> Request:
+    def request(self, prompt: Input | None, **overrides: Any) -> Request:
         """The normalized request this LM would send for `prompt`."""
         if overrides:
             if not _ALIASES.keys().isdisjoint(overrides):
@@ -274,6 +284,10 @@ class BaseLM:
         n = self._opts.get("retries")
         return p if n is None else RetryPolicy(n, p.sleep, p.rand)
 
+    def _retrying(self) -> RetryPolicy:
+        """The retry policy of a failed call (each retry an event on its span when tracing)."""
+        return tracing.retrying(self._retry()) if tracing.ON else self._retry()
+
     def _priced(self, c: Completion) -> Completion:
         c.usage = pricing.apply(c.usage, self.provider, self.model)
         c.provider = c.provider or self.provider
@@ -319,13 +333,18 @@ class BaseLM:
         return e
 
     # -- calls ------------------------------------------------------------------------------
-    def acall(self, prompt: Input, **overrides: Any) -> Coroutine[Any, Any, Completion]:
+    def acall(self, prompt: Input | None = None, *, messages: Input | None = None, **overrides: Any) -> Coroutine[Any, Any, Completion]:
         """Send one request and return its completion (text, tool calls, usage with cost).
+        `messages=[...]` is another spelling of the prompt (LiteLLM's and dspy's).
 
         (Returns `acomplete`'s coroutine itself: one frame fewer on every resumption.)"""
-        return self.acomplete(self.request(prompt, **overrides))
+        return self.acomplete(self.request(prompt if messages is None else _messages(prompt, messages), **overrides))
 
-    async def acomplete(self, req: Request) -> Completion:
+    def acomplete(self, req: Request) -> Coroutine[Any, Any, Completion]:
+        """Send `req` (a normalized request): cache, budgets, retries, pricing, history."""
+        return tracing.complete(self, req, self._complete(req)) if tracing.ON else self._complete(req)
+
+    async def _complete(self, req: Request) -> Completion:
         started = time.perf_counter()
         cache, key, hit = self._lookup(req, started)
         if hit is not None:
@@ -343,7 +362,7 @@ class BaseLM:
                     raise self._failed(e) from e
         except DsrsError as e:
             try:
-                c = await self._retry().run(lambda: self._attempt(req, budgets), e)
+                c = await self._retrying().run(lambda: self._attempt(req, budgets), e)
             except DsrsError as e2:
                 self._failed(e2)  # typed already: only scrubbed
                 raise
@@ -369,8 +388,8 @@ class BaseLM:
         hold.settle(c.usage)
         return c
 
-    def __call__(self, prompt: Input, **overrides: Any) -> Completion:
-        return _sync.run(self.acall(prompt, **overrides))
+    def __call__(self, prompt: Input | None = None, *, messages: Input | None = None, **overrides: Any) -> Completion:
+        return _sync.run(self.acall(prompt, messages=messages, **overrides))
 
     async def _open_stream(self, req: Request, budgets: tuple[Any, ...]) -> tuple[Any, Hold, Any]:
         """One try at a stream: reserve, send, wait for the first item. (agen, hold, first item)."""
@@ -392,12 +411,21 @@ class BaseLM:
         await _close(agen)
         return err
 
-    async def astream(self, prompt: Input, **overrides: Any) -> AsyncIterator[str | StreamEnd]:
+    def astream(self, prompt: Input | None = None, *, messages: Input | None = None,
+                **overrides: Any) -> AsyncIterator[str | StreamEnd]:  # fmt: skip
         """Text deltas as they arrive, then one `StreamEnd` holding the completion and usage.
 
         Failures before the first delta are retried like any call; after it they propagate.
         """
-        req = self.request(prompt, **overrides)
+        if messages is not None:
+            prompt = _messages(prompt, messages)
+        if tracing.ON:
+            return tracing.stream(self, prompt, overrides, self._astream)
+        return self._astream(prompt, overrides, None)
+
+    async def _astream(self, prompt: Input | None, overrides: dict[str, Any], req: Request | None) -> AsyncIterator[str | StreamEnd]:
+        if req is None:
+            req = self.request(prompt, **overrides)
         started = time.perf_counter()
         cache, key, hit = self._lookup(req, started)
         if hit is not None:
@@ -410,7 +438,7 @@ class BaseLM:
             agen, hold, item = await self._open_stream(req, budgets)
         except DsrsError as e:
             try:
-                agen, hold, item = await self._retry().run(lambda: self._open_stream(req, budgets), e)
+                agen, hold, item = await self._retrying().run(lambda: self._open_stream(req, budgets), e)
             except DsrsError as e2:
                 self._failed(e2)
                 raise
@@ -432,8 +460,8 @@ class BaseLM:
         history.record(self, req.messages, c)
         yield StreamEnd(c)
 
-    def stream(self, prompt: Input, **overrides: Any) -> Iterator[str | StreamEnd]:
-        return _sync.iterate(self.astream(prompt, **overrides))
+    def stream(self, prompt: Input | None = None, *, messages: Input | None = None, **overrides: Any) -> Iterator[str | StreamEnd]:
+        return _sync.iterate(self.astream(prompt, messages=messages, **overrides))
 
 
 _DEFAULT_RETRY = RetryPolicy()

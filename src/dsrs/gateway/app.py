@@ -34,7 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import budget
+from .. import budget, tracing
 from ..types import Completion, CostSource, LmUsage, StreamEnd
 from . import anthropic_wire, bad_http, logs, replies, requests
 from .config import Config, KeyConfig
@@ -331,7 +331,8 @@ def _sse(events: list[dict[str, Any]], kind: str, done: bool = False) -> bytes:
 def make_app(cfg: Config, runtime: Runtime | None = None) -> web.Application:
     rt = runtime or Runtime(cfg)
     m = Metrics()
-    app = web.Application(middlewares=[_count], client_max_size=cfg.max_body_bytes)
+    app = web.Application(middlewares=[*tracing.server_middlewares(logs.INFO_KEY), _count],  # (none when not tracing)
+                          client_max_size=cfg.max_body_bytes)
     app[RUNTIME], app[METRICS] = rt, m
     h = Handlers(rt, m)
     app.router.add_post("/v1/chat/completions", h.chat)

@@ -43,6 +43,7 @@ from functools import partial
 from typing import Any
 
 from .. import budget as budgets
+from .. import tracing
 from ..cache import cache_key
 from ..errors import (
     BudgetExceededError,
@@ -54,7 +55,7 @@ from ..errors import (
     TimeoutError,
     UnsupportedFeatureError,
 )
-from ..lm import _REQUEST_FIELDS, BaseLM, Input
+from ..lm import _REQUEST_FIELDS, BaseLM, Input, _messages
 from ..retry import should_retry
 from ..types import Completion, Request, StreamEnd
 from . import policy as policies
@@ -311,6 +312,8 @@ class LaneMux(BaseLM):
                     with budgets.scope(extra + lane.budgets_here if lane.budgets_here else extra):
                         if stream:
                             agen = lane.call_lm.astream(prompt, **opts)
+                            if tracing.ON:
+                                agen = tracing.lane_stream(lane, agen)
                             try:
                                 first = await agen.__anext__()
                             except StopAsyncIteration:
@@ -320,12 +323,15 @@ class LaneMux(BaseLM):
                                 raise
                             result: Any = (agen, first)
                         else:
-                            result = await lane.call_lm.acall(prompt, **opts)
+                            call = lane.call_lm.acall(prompt, **opts)
+                            result = await (tracing.lane(lane, call) if tracing.ON else call)
                 except DsrsError as e:
                     lane.failures += 1
                     last = e
                     action, wait = self._verdict(lane, e, n, left, queue, request)
                     d.attempts.append(Attempt(lane.name, action, f"{type(e).__name__}: {e}", wait, getattr(e, "route", None)))
+                    if tracing.ON:
+                        tracing.attempt(d.attempts[-1])
                     if action == "raise":
                         e.route = d  # type: ignore[attr-defined]
                         raise
@@ -380,12 +386,20 @@ class LaneMux(BaseLM):
     # `acall`/`acomplete` return the routing coroutine itself rather than awaiting it: every
     # suspension of an HTTP call resumes through each coroutine frame above it, so each frame
     # saved here is paid back several times per call.
-    def acall(self, prompt: Input, **overrides: Any) -> Coroutine[Any, Any, Completion]:
+    def acall(self, prompt: Input | None = None, *, messages: Input | None = None,
+              **overrides: Any) -> Coroutine[Any, Any, Completion]:  # fmt: skip
         """Send one request through the lanes (awaitable, like every LM's `acall`)."""
+        if messages is not None:
+            prompt = _messages(prompt, messages)
         opts = self._call_opts(overrides)
-        coro = self._cached(prompt, opts, None) if self._opts.get("cache") else self._start(prompt, opts, None)
+        if self._opts.get("cache"):  # (a prompt of None is refused by the lane's LM, as a ConfigurationError)
+            coro = self._cached(prompt, opts, None)  # type: ignore[arg-type]
+        else:
+            coro = self._start(prompt, opts, None)  # type: ignore[arg-type]
         timeout = self._opts.get("timeout")
-        return coro if timeout is None else self._within(coro, timeout)
+        if timeout is not None:
+            coro = self._within(coro, timeout)
+        return tracing.route(self, coro) if tracing.ON else coro
 
     def acomplete(self, req: Request) -> Coroutine[Any, Any, Completion]:
         if self._opts.get("cache"):
@@ -393,7 +407,9 @@ class LaneMux(BaseLM):
         else:
             coro = self._start(req.messages, _fields(req), req)
         timeout = self._opts.get("timeout")
-        return coro if timeout is None else self._within(coro, timeout)
+        if timeout is not None:
+            coro = self._within(coro, timeout)
+        return tracing.route(self, coro) if tracing.ON else coro
 
     async def _within(self, coro: Coroutine[Any, Any, Completion], seconds: float) -> Completion:
         """`with_timeout(s)` on a mux bounds the whole routed call: every lane, retry and wait."""
@@ -433,7 +449,8 @@ class LaneMux(BaseLM):
         extra = self._budgets()
         try:
             with budgets.scope(extra + lane.budgets_here if lane.budgets_here else extra):
-                result = await lane.call_lm.acall(prompt, **opts)
+                call = lane.call_lm.acall(prompt, **opts)
+                result = await (tracing.lane(lane, call) if tracing.ON else call)
         except DsrsError as e:
             return await self._route(prompt, opts, req, False, (lane, e))  # type: ignore[no-any-return]
         except BaseException as e:
@@ -457,10 +474,17 @@ class LaneMux(BaseLM):
         cache.put(key, c)  # type: ignore[union-attr]
         return c
 
-    async def astream(self, prompt: Input, **overrides: Any) -> AsyncIterator[str | StreamEnd]:
+    def astream(self, prompt: Input | None = None, *, messages: Input | None = None,
+                **overrides: Any) -> AsyncIterator[str | StreamEnd]:  # fmt: skip
         """Deltas from the first lane that starts streaming; falls back only before the first chunk."""
+        if messages is not None:
+            prompt = _messages(prompt, messages)
+        agen = self._routed_stream(prompt, overrides)
+        return tracing.route_stream(self, agen) if tracing.ON else agen
+
+    async def _routed_stream(self, prompt: Input | None, overrides: dict[str, Any]) -> AsyncIterator[str | StreamEnd]:
         timeout: float | None = self._opts.get("timeout")
-        routed = self._route(prompt, self._call_opts(overrides), None, stream=True)
+        routed = self._route(prompt, self._call_opts(overrides), None, stream=True)  # type: ignore[arg-type]  # None: refused by the lane's LM
         deadline: float | None = None
         if timeout is None:
             lane, (agen, item), d = await routed
