@@ -45,7 +45,7 @@ from collections import OrderedDict, deque
 from typing import Any
 
 from ..errors import ConfigurationError, DsrsError
-from ..nostr import Event, Keys, sign
+from ..nostr import Event, Keys, RelayError, sign
 from . import bolt11, pools
 from .errors import PaymentError
 from .swarm import FEEDBACK, JOB, RESULT
@@ -190,8 +190,9 @@ class Payments:
             while True:
                 try:
                     ev = await sub.next(1.0)
-                except asyncio.TimeoutError:
-                    if all(p.closed_reason for p in parts):  # the relay ended it (CLOSED): poll from now on
+                except (asyncio.TimeoutError, RelayError) as e:
+                    # the relay ended it (CLOSED: the reader raises, or every part says so): poll from now on
+                    if isinstance(e, RelayError) or all(p.closed_reason for p in parts):
                         log.info("the relay closed the wallet notification subscription: polling instead")
                         self.notified = False
                         for ph in list(self._waiting):
