@@ -325,3 +325,11 @@ async def honest(fp: FakeProvider, job: Any, price: int = 1000, text: str = "ok"
     inv = await fp.quote(job, price)
     if await fp.wait_paid(inv):
         await fp.result(job, text)
+
+
+async def counted(prov: Any, n: int, limit: float = 30.0) -> None:
+    """Wait until the provider has counted `n` jobs served: it counts one at the relay's OK for the
+    result, which can come after the customer already has the result (a bounded wait, not a timing)."""
+    deadline = time.monotonic() + limit
+    while prov.served < n and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)

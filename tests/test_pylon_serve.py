@@ -18,7 +18,7 @@ from dsrs.nostr import Keys, Relay, sign
 from dsrs.pylon import NwcWallet, PylonLM
 from dsrs.pylon.serve import Provider, lm_for
 from dsrs.types import CostSource
-from nwc_service import Net, start_net, stop_net
+from nwc_service import Net, counted, start_net, stop_net
 
 PRICE = 2000
 
@@ -152,6 +152,7 @@ async def test_unpaid_jobs_do_not_hold_the_job_slots(net: Net) -> None:
         except PaymentRequiredError:
             pass  # the provider now waits for a payment that never comes
         out = await customer(net, timeout=20).acall(FEW_SHOT)
+        await counted(prov, 1)
     finally:
         await prov.stop()
     assert "Paris" in out.text and out.usage.cost_msats == PRICE and prov.served == 1

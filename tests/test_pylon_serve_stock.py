@@ -24,7 +24,7 @@ from dsrs.errors import TimeoutError
 from dsrs.nostr import Keys, Relay, sign
 from dsrs.pylon import NwcWallet, PylonLM, SwarmJobError, pools
 from dsrs.pylon.serve import Provider, content_limit
-from nwc_service import Net, start_net, stop_net
+from nwc_service import Net, counted, start_net, stop_net
 from scripted import chat_reply
 from stock_relay import StockRelay
 
@@ -86,10 +86,14 @@ def customer(net: Net, *, timeout: float = 60, max_tokens: int = 4) -> PylonLM:
 async def paid_round(net: Net, pt: ProviderThread, n: int) -> None:
     """n concurrent paid jobs: all answered, each at the price, the wallet's books equal to what was paid."""
     before_paid, before_got = net.paid(), pt.acct.balance_msats
+    before_served = pt.prov.served if pt.prov is not None else 0
     outs = await asyncio.gather(*(customer(net).acall(QUESTION) for _ in range(n)))
     assert all("Paris" in o.text for o in outs), [o.text for o in outs]
     assert [o.usage.cost_msats for o in outs] == [PRICE] * n
     assert net.paid() - before_paid == n * PRICE == pt.acct.balance_msats - before_got
+    if pt.prov is not None:
+        await counted(pt.prov, before_served + n)
+
 
 
 def start_stock(workdir: Path, **overrides: Any) -> StockRelay:
@@ -154,6 +158,7 @@ async def test_provider_sharing_the_customers_connections(stock_net: Net, script
             outs = await asyncio.gather(*(customer(stock_net).acall(QUESTION) for _ in range(14)))
             assert all("Paris" in o.text and o.usage.cost_msats == PRICE for o in outs)
             assert acct.balance_msats - before == 14 * PRICE
+        await counted(prov, 42)
     finally:
         await prov.stop()
     assert prov.served == 42 and stock_net.paid() == 42 * PRICE == acct.balance_msats
